@@ -1,0 +1,472 @@
+"""Tests for vae.py. Each checks the code against something independent of it: a
+hand-made image, torch.distributions, an analytic answer. Run: python -m pytest -q"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import vae
+
+HERE = Path(__file__).resolve().parent
+TINY = dict(widths=(8, 16, 16, 16))         # a small trunk keeps the tests fast
+REAL = np.load(HERE / "results" / "real_reference.npz")["images"]
+
+
+def tiny_h5(path, n=160, seed=0):
+    vae.write_h5(path, vae.make_synthetic_channels(n, seed=seed))
+    return path
+
+
+def run_main(argv, capsys):
+    """main(argv) -> (exit code, stdout, stderr)"""
+    code = 0
+    try:
+        vae.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_clean_error(code, err, *fragments):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) <= 2, err          # argparse adds its usage line; ours is one line
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_synthetic_layout_and_determinism():
+    a = vae.make_synthetic_channels(40, seed=3)
+    assert a.dtype == np.uint8 and a.shape == (40, 128, 128, 1)
+    assert set(np.unique(a)) == {0, 1}
+    assert np.array_equal(a, vae.make_synthetic_channels(40, seed=3))
+    assert not np.array_equal(a, vae.make_synthetic_channels(40, seed=4))
+    assert vae.make_synthetic_channels(5, size=64).shape == (5, 64, 64, 1)
+
+
+def test_synthetic_statistics_inside_real_range():
+    real = vae.image_statistics(torch.from_numpy(REAL[..., 0]))
+    synth = vae.image_statistics(torch.from_numpy(vae.make_synthetic_channels(2000, seed=1)[..., 0]))
+    for key in ("proportion", "width_p50"):
+        lo, hi = np.nanmin(real[key]), np.nanmax(real[key])
+        assert lo <= np.nanmean(synth[key]) <= hi, key
+    # the real file's mean proportion is 0.21 +- 0.06 (../shared/DATA.md)
+    assert 0.17 < synth["proportion"].mean() < 0.25
+
+
+def test_downsample_hand_made():
+    # 4x4 image -> 2x2: blocks with 3, 1, 2 (top-left on) and 2 (top-left off) channel pixels
+    img = torch.tensor([[1, 1, 0, 1],
+                        [1, 0, 0, 0],
+                        [1, 0, 0, 1],
+                        [0, 1, 0, 1]], dtype=torch.uint8).view(1, 1, 4, 4)
+    assert vae.downsample_majority(img).view(2, 2).tolist() == [[1, 0], [1, 0]]
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nhw"])
+def test_loader_reads_both_layouts_and_downsamples(tmp_path, layout):
+    img = np.zeros((2, 128, 128), np.uint8)
+    img[0, :, 10:14] = 1            # a 4-px vertical band -> columns 5 and 6 at 64x64
+    img[1, 40:42, :] = 1            # a 2-px horizontal band -> row 20 at 64x64
+    data = img[..., None] if layout == "nhwc" else img
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("train_images", data=data)
+    full = vae.load_images(path, size=128)
+    assert full.dtype == torch.uint8 and full.shape == (2, 1, 128, 128)
+    assert torch.equal(full[:, 0], torch.from_numpy(img))
+    small = vae.load_images(path, size=64)
+    want = np.zeros((2, 64, 64), np.uint8)
+    want[0, :, 5:7] = 1
+    want[1, 20, :] = 1
+    assert small.shape == (2, 1, 64, 64) and torch.equal(small[:, 0], torch.from_numpy(want))
+
+
+# ----------------------------------------------------------------------------- models and loss
+
+@pytest.mark.parametrize("arch", ["dense", "fullyconv"])
+@pytest.mark.parametrize("size", [64, 128])
+def test_shapes(arch, size):
+    model = vae.build_model(arch, size)
+    x = torch.zeros(3, 1, size, size)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (3, *model.latent_shape)
+    z = torch.randn(3, *model.latent_shape)
+    assert model.decode(z).shape == (3, 1, size, size)
+    if arch == "fullyconv":
+        assert model.latent_shape[1:] == (size // 16, size // 16)
+
+
+def test_fullyconv_has_no_dense_layer():
+    for size in (64, 128):
+        model = vae.build_model("fullyconv", size)
+        assert not any(isinstance(m, nn.Linear) for m in model.modules())
+        # nor a convolution whose kernel spans its whole input (a dense layer in disguise):
+        # the smallest map is size/16 wide and every kernel there is 3x3 with padding
+        assert model.latent_shape[1] > 1
+        bigger = model.decode(torch.randn(1, model.latent_shape[0], 6, 6))   # any grid works
+        assert bigger.shape == (1, 1, 96, 96)
+    assert any(isinstance(m, nn.Linear) for m in vae.build_model("dense").modules())
+
+
+def test_kl_matches_torch_distributions():
+    mu, logvar = torch.randn(5, 7), torch.randn(5, 7)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros(5, 7), torch.ones(5, 7))
+    want = torch.distributions.kl_divergence(q, p).sum(1)
+    assert torch.allclose(vae.gaussian_kl(mu, logvar), want, atol=1e-5)
+    # and on a spatial latent (B, C, h, w): summed over every element
+    mu, logvar = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    want = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum((1, 2, 3))
+    assert torch.allclose(vae.gaussian_kl(mu, logvar), want, atol=1e-5)
+
+
+def test_bernoulli_nll_matches_torch_distributions():
+    logits, x = torch.randn(4, 1, 8, 8), (torch.rand(4, 1, 8, 8) > 0.5).float()
+    want = -torch.distributions.Bernoulli(logits=logits).log_prob(x).sum((1, 2, 3))
+    assert torch.allclose(vae.bernoulli_nll(logits, x), want, atol=1e-4)
+
+
+def test_iwae_bound():
+    torch.manual_seed(0)
+    model = vae.build_model("dense", 64, latent_dim=4, **TINY).eval()
+    x = torch.from_numpy(vae.make_synthetic_channels(4, size=64)).permute(0, 3, 1, 2).float()
+    # K = 1 is the ELBO in expectation: average many single-sample estimates
+    torch.manual_seed(1)
+    k1 = torch.stack([vae.iwae_bound(model, x, 1) for _ in range(200)]).mean(0)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        elbos = torch.stack([-vae.bernoulli_nll(model.decode(vae.reparameterize(mu, logvar)), x)
+                             - vae.gaussian_kl(mu, logvar) for _ in range(200)]).mean(0)
+    assert torch.allclose(k1, elbos, rtol=2e-3)
+    # more importance samples never loosen the bound (Burda et al., theorem 1)
+    k50 = torch.stack([vae.iwae_bound(model, x, 50) for _ in range(10)]).mean(0)
+    assert (k50 >= k1 - 1e-3 * k1.abs()).all()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_variogram_of_stripes():
+    # vertical stripes of period 2: along x, gamma = 1/2 at odd lags and 0 at even lags;
+    # along y nothing changes, so gamma = 0
+    m = torch.zeros(1, 8, 8, dtype=torch.bool)
+    m[..., ::2] = True
+    assert torch.allclose(vae.variogram(m, "x"), torch.tensor([0.5, 0, 0.5, 0]))
+    assert torch.allclose(vae.variogram(m, "y"), torch.zeros(4))
+
+
+def test_connected_components_and_connectivity_of_two_bars():
+    m = torch.zeros(1, 8, 8, dtype=torch.bool)
+    m[0, 1, 0:8] = True                      # two horizontal bars, not touching
+    m[0, 5, 0:8] = True
+    lab = vae.connected_components(m)
+    assert len(torch.unique(lab[m])) == 2
+    # along x every channel pair is inside one bar -> 1; along y pairs at lag 4 are in different bars -> 0
+    assert torch.allclose(vae.connectivity(m, "x"), torch.ones(4))
+    assert vae.connectivity(m, "y")[3] == 0
+    # a U shape is one piece; a diagonal pair of pixels is two (4-connectivity)
+    u = torch.zeros(1, 5, 5, dtype=torch.bool)
+    u[0, :, 0] = u[0, :, 4] = u[0, 4, :] = True
+    assert len(torch.unique(vae.connected_components(u)[u])) == 1
+    d = torch.tensor([[[1, 0], [0, 1]]], dtype=torch.bool)
+    assert len(torch.unique(vae.connected_components(d)[d])) == 2
+
+
+def test_pieces_spanning_and_widths():
+    m = torch.zeros(1, 10, 10, dtype=torch.bool)
+    m[0, :, 2:5] = True           # spans top to bottom, 3 px wide
+    m[0, 3:6, 7:9] = True         # an island, 2 px wide
+    lab, owner, top, bottom, _ = vae.piece_table(m)
+    assert len(owner) == 2 and int((top & bottom).sum()) == 1
+    widths, _ = vae.run_widths(m)
+    assert sorted(widths.tolist()) == [2] * 3 + [3] * 10
+
+
+def test_jensen_shannon_and_wasserstein():
+    p = vae.pattern_histogram(torch.rand(4, 16, 16) > 0.5)
+    assert vae.jensen_shannon(p, p) == pytest.approx(0, abs=1e-12)
+    a, b = torch.zeros(512, dtype=torch.float64), torch.zeros(512, dtype=torch.float64)
+    a[0], b[1] = 1, 1
+    assert vae.jensen_shannon(a, b) == pytest.approx(1.0)          # disjoint: 1 bit
+    assert vae.wasserstein1([0, 0, 1], [0, 0, 1]) == 0
+    assert vae.wasserstein1([0, 1], [2, 3]) == pytest.approx(2.0)   # a shift by 2
+    assert vae.wasserstein1([0], [0, 1]) == pytest.approx(0.5)
+
+
+def test_pattern_histogram_of_a_constant_image():
+    p = vae.pattern_histogram(torch.ones(1, 5, 5, dtype=torch.bool))
+    assert p[511] == 1 and p.sum() == pytest.approx(1)
+
+
+def test_hamming_matches_counting():
+    a, b = torch.rand(3, 1, 6, 6) > 0.5, torch.rand(4, 1, 6, 6) > 0.5
+    want = torch.tensor([[(x != y).sum().item() for y in b] for x in a], dtype=torch.float32)
+    assert torch.equal(vae.hamming(a, b), want)
+
+
+def test_realism_scores_are_zero_for_identical_sets():
+    x = torch.from_numpy(vae.make_synthetic_channels(20, size=64)).permute(0, 3, 1, 2)
+    scores = vae.realism_scores(x, x)
+    for key, value in scores.items():
+        if not key.endswith("_mean"):
+            assert value == pytest.approx(0, abs=1e-9), key
+
+
+# ----------------------------------------------------------------------------- training
+
+def tiny_args(tmp_path, *extra):
+    return vae.parse_args(["--arch", "dense", "--epochs", "2", "--batch-size", "16",
+                           "--widths", "8,16,16,16", "--latent-dim", "8", "--warmup", "0.5",
+                           "--lr", "2e-3", "--out", str(tmp_path / "out"), *extra])
+
+
+def test_training_lowers_validation_loss(tmp_path):
+    x = torch.from_numpy(vae.make_synthetic_channels(640, size=64)).permute(0, 3, 1, 2).contiguous()
+    train_x, val_x = vae.split(x, 0.2, 0)
+    args = tiny_args(tmp_path, "--epochs", "4", "--lr", "3e-3")
+    vae.set_seed(0)
+    model = vae.build_model("dense", 64, latent_dim=8, **TINY)
+    before = vae.validate(model, val_x, torch.device("cpu"), 1.0)[0]
+    history = vae.train(model, train_x, val_x, args, torch.device("cpu"), tmp_path / "ck.pt", log=lambda s: None)
+    # the best model that ignores the image predicts every pixel with the mean proportion p;
+    # its loss is the Bernoulli entropy of p per pixel. A VAE that learned anything beats it.
+    p = train_x.float().mean().item()
+    constant = -(p * math.log(p) + (1 - p) * math.log(1 - p)) * train_x[0].numel()
+    assert history["val_loss"][-1] < 0.9 * constant < before
+    assert history["val_loss"][-1] < history["val_loss"][0]
+
+
+def test_model_round_trip_decodes_identically(tmp_path):
+    for arch in ("dense", "fullyconv"):
+        model = vae.build_model(arch, 64, **TINY).eval()
+        vae.save_model(model, tmp_path / "m.pt")
+        again = vae.load_model(tmp_path / "m.pt")
+        z = torch.randn(3, *model.latent_shape)
+        with torch.no_grad():
+            assert torch.equal(model.decode(z), again.decode(z))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    x = torch.from_numpy(vae.make_synthetic_channels(160, size=64)).permute(0, 3, 1, 2).contiguous()
+    train_x, val_x = vae.split(x, 0.2, 0)
+    args, cpu = tiny_args(tmp_path), torch.device("cpu")
+
+    vae.set_seed(0)
+    whole = vae.train(vae.build_model("dense", 64, latent_dim=8, **TINY), train_x, val_x, args, cpu,
+                      tmp_path / "a.pt", log=lambda s: None)
+
+    def interrupt_after_first_epoch(message):
+        if message.startswith("epoch 1 done"):
+            os.kill(os.getpid(), signal.SIGINT)       # as if the user pressed Ctrl-C
+    vae.set_seed(0)
+    with pytest.raises(vae.Interrupted):
+        vae.train(vae.build_model("dense", 64, latent_dim=8, **TINY), train_x, val_x, args, cpu,
+                  tmp_path / "b.pt", log=interrupt_after_first_epoch)
+    ckpt = vae.load_checkpoint(tmp_path / "b.pt", args)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 1)      # stopped one step into epoch 2
+    vae.set_seed(123)                                    # the checkpoint's RNG state must win
+    resumed = vae.train(vae.build_model("dense", 64, latent_dim=8, **TINY), train_x, val_x, args, cpu,
+                        tmp_path / "b.pt", resume=ckpt, log=lambda s: None)
+    for key in ("train_rec", "train_kl", "val_rec", "val_kl"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    x = torch.from_numpy(vae.make_synthetic_channels(96, size=64)).permute(0, 3, 1, 2).contiguous()
+    args = tiny_args(tmp_path, "--epochs", "1")
+    model = vae.build_model("dense", 64, latent_dim=8, **TINY)
+    with torch.no_grad():
+        model.mu.weight.fill_(float("nan"))
+    with pytest.raises(vae.TrainingDiverged, match="lower --lr"):
+        vae.train(model, x[:64], x[64:], args, torch.device("cpu"), tmp_path / "ck.pt", log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- bad input (issue: robustness)
+
+def test_missing_data_path_is_an_error_not_a_fallback(tmp_path, capsys):
+    code, out, err = run_main(["--arch", "dense", "--data", tmp_path / "nope.h5", "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "nope.h5", "file not found", "train_images.h5")
+    assert "synthetic" not in out + err
+
+
+def test_not_hdf5_and_truncated(tmp_path, capsys):
+    (tmp_path / "text.h5").write_text("hello")
+    good = tiny_h5(tmp_path / "good.h5")
+    (tmp_path / "cut.h5").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    for name in ("text.h5", "cut.h5"):
+        code, _, err = run_main(["--arch", "dense", "--data", tmp_path / name, "--out", tmp_path / "o"], capsys)
+        assert_clean_error(code, err, name, "not a readable HDF5 file")
+
+
+def test_missing_key_lists_keys(tmp_path, capsys):
+    with h5py.File(tmp_path / "k.h5", "w") as f:
+        f.create_dataset("images", data=np.zeros((4, 128, 128), np.uint8))
+    code, _, err = run_main(["--arch", "dense", "--data", tmp_path / "k.h5", "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "no dataset 'train_images'", "['images']")
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 64), (4, 3, 128, 128), (4, 128, 128, 3)])
+def test_wrong_shape(tmp_path, capsys, shape):
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f.create_dataset("train_images", data=np.zeros(shape, np.uint8))
+    code, _, err = run_main(["--arch", "dense", "--data", tmp_path / "s.h5", "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, str(shape), "expected (N, 128, 128, 1) or (N, 128, 128)")
+
+
+def test_mask_0_255_is_read_as_0_1_with_a_warning(tmp_path, capsys):
+    img = vae.make_synthetic_channels(4, seed=2)
+    with h5py.File(tmp_path / "m.h5", "w") as f:
+        f.create_dataset("train_images", data=img * 255)
+    loaded = vae.load_images(tmp_path / "m.h5", size=128)
+    assert torch.equal(loaded, torch.from_numpy(img).permute(0, 3, 1, 2))
+    assert "0/255" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["grey", "nan", "three_levels"])
+def test_non_binary_values_are_refused(tmp_path, capsys, bad):
+    img = vae.make_synthetic_channels(4, seed=2).astype(np.float32)
+    if bad == "grey":
+        img[0, 0, 0, 0] = 0.5
+    elif bad == "nan":
+        img[1, 5, 5, 0] = np.nan
+    else:
+        img[2, 0, 0, 0] = 255
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        f.create_dataset("train_images", data=img)
+    code, _, err = run_main(["--arch", "dense", "--data", tmp_path / "g.h5", "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "must be binary")
+    assert {"grey": "0.5", "nan": "nan", "three_levels": "255"}[bad] in err
+
+
+def test_zero_images_and_less_than_a_batch(tmp_path, capsys):
+    with h5py.File(tmp_path / "z.h5", "w") as f:
+        f.create_dataset("train_images", data=np.zeros((0, 128, 128, 1), np.uint8))
+    code, _, err = run_main(["--arch", "dense", "--data", tmp_path / "z.h5", "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "zero images")
+    tiny_h5(tmp_path / "few.h5", n=20)
+    code, _, err = run_main(["--arch", "dense", "--data", tmp_path / "few.h5", "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "fewer than one batch of 64")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--size", "96"], "argument --size"),
+    (["--epochs", "-1"], "argument --epochs"),
+    (["--epochs", "0"], "argument --epochs"),
+    (["--beta", "-0.5"], "argument --beta"),
+    (["--beta", "nan"], "argument --beta"),
+    (["--latent-dim", "0"], "argument --latent-dim"),
+    (["--lr", "0"], "argument --lr"),
+    (["--batch-size", "0"], "argument --batch-size"),
+    (["--widths", "8,x"], "argument --widths"),
+    (["--val-fraction", "1.5"], "argument --val-fraction"),
+    (["--arch", "mlp"], "argument --arch"),
+])
+def test_bad_flags_are_argparse_errors(capsys, argv, fragment):
+    if "--arch" not in argv:
+        argv = ["--arch", "dense"] + argv
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_resume_with_bad_checkpoints(tmp_path, capsys):
+    data = tiny_h5(tmp_path / "d.h5")
+    base = ["--data", data, "--out", tmp_path / "o", "--widths", "8,16,16,16", "--epochs", "1"]
+    code, _, err = run_main(["--arch", "dense", *base, "--resume", tmp_path / "missing.pt"], capsys)
+    assert_clean_error(code, err, "missing.pt", "checkpoint not found")
+    (tmp_path / "junk.pt").write_bytes(b"\x00not a checkpoint")
+    code, _, err = run_main(["--arch", "dense", *base, "--resume", tmp_path / "junk.pt"], capsys)
+    assert_clean_error(code, err, "junk.pt", "not a readable checkpoint")
+    # a real checkpoint of the other arch
+    code, _, _ = run_main(["--arch", "fullyconv", *base, "--batch-size", "32", "--eval-n", "8", "--iwae-k", "2"], capsys)
+    assert code == 0 and (tmp_path / "o" / "checkpoint.pt").is_file()
+    code, _, err = run_main(["--arch", "dense", *base, "--resume"], capsys)
+    assert_clean_error(code, err, "checkpoint has arch fullyconv", "asks for dense")
+
+
+class Payload:                       # a pickled object: loading it could run code
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_checkpoint_with_pickled_object_is_refused(tmp_path, capsys):
+    torch.save({"model": {}, "optimizer": {}, "config": {}, "epoch": 0, "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(vae.DataError, match="pickled Python objects"):
+        vae.load_model(tmp_path / "evil.pt")
+    code, out, err = run_main(["--arch", "dense", "--data", tmp_path / "x.h5", "--out", tmp_path / "o",
+                               "--resume", tmp_path / "evil.pt"], capsys)
+    assert_clean_error(code, err, "evil.pt", "pickled Python objects")
+    assert "this ran while loading" not in out + err
+
+
+def test_unwritable_out_fails_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    data = tiny_h5(tmp_path / "d.h5")
+    code, out, err = run_main(["--arch", "dense", "--data", data, "--out", tmp_path / "file" / "sub"], capsys)
+    assert_clean_error(code, err, "cannot write results")
+    assert "epoch" not in out
+
+
+def test_ctrl_c_saves_checkpoint_and_exits_130(tmp_path):
+    data = tiny_h5(tmp_path / "d.h5", n=400)
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, str(HERE / "vae.py"), "--arch", "dense", "--data", str(data),
+                             "--out", str(out), "--epochs", "500", "--batch-size", "8", "--widths", "8,16,16,16"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    for line in proc.stdout:                  # wait until training has started
+        if line.startswith("model:"):
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    assert (out / "checkpoint.pt").is_file() and (out / "samples.png").is_file()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] * 1000 + ckpt["step"] > 0
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_main_end_to_end_and_evaluate(tmp_path, capsys):
+    data = tiny_h5(tmp_path / "d.h5", n=200)
+    out = tmp_path / "res" / "dense"
+    argv = ["--arch", "dense", "--data", data, "--out", out, "--epochs", "1", "--batch-size", "16",
+            "--widths", "8,16,16,16", "--eval-n", "10", "--iwae-k", "3"]
+    code, stdout, err = run_main(argv, capsys)
+    assert code == 0, err
+    for name in ("samples.png", "interpolation.png", "reconstructions.png", "losses.png",
+                 "history.csv", "config.json", "model.pt", "metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["neg_iwae"] <= metrics["neg_elbo"] + 1.0 and 0 <= metrics["blur"] <= 0.5
+    assert (tmp_path / "res" / "comparison.md").is_file()
+    (out / "samples.png").unlink()
+    code, stdout, err = run_main(argv + ["--evaluate"], capsys)
+    assert code == 0, err
+    assert (out / "samples.png").is_file() and "epoch 1/" not in stdout
+
+
+def test_benchmark_flag_writes_json(tmp_path, capsys):
+    code, out, err = run_main(["--arch", "fullyconv", "--benchmark", "--batch-size", "8", "--widths", "8,16,16,16",
+                               "--bench-seconds", "0.2", "--out", tmp_path], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "benchmark.json").read_text())["fullyconv_cpu"]
+    for key in ("train_img_per_s", "sample_img_per_s", "forward_flops_per_image", "train_gflops_per_s",
+                "matmul_peak_gflops_per_s", "fraction_of_peak", "device", "torch"):
+        assert key in saved, key
+    assert saved["train_img_per_s"] > 0 and 0 < saved["fraction_of_peak"]
