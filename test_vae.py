@@ -238,7 +238,7 @@ def tiny_args(tmp_path, *extra):
 def test_training_lowers_validation_loss(tmp_path):
     x = torch.from_numpy(vae.make_synthetic_channels(640, size=64)).permute(0, 3, 1, 2).contiguous()
     train_x, val_x = vae.split(x, 0.2, 0)
-    args = tiny_args(tmp_path, "--epochs", "4", "--lr", "3e-3")
+    args = tiny_args(tmp_path, "--epochs", "4", "--lr", "3e-3", "--mmd", "0")
     vae.set_seed(0)
     model = vae.build_model("dense", 64, latent_dim=8, **TINY)
     before = vae.validate(model, val_x, torch.device("cpu"), 1.0)[0]
@@ -359,7 +359,8 @@ def test_zero_images_and_less_than_a_batch(tmp_path, capsys):
     code, _, err = run_main(["--arch", "dense", "--data", tmp_path / "z.h5", "--out", tmp_path / "o"], capsys)
     assert_clean_error(code, err, "zero images")
     tiny_h5(tmp_path / "few.h5", n=20)
-    code, _, err = run_main(["--arch", "dense", "--data", tmp_path / "few.h5", "--out", tmp_path / "o"], capsys)
+    code, _, err = run_main(["--arch", "dense", "--data", tmp_path / "few.h5", "--out", tmp_path / "o",
+                             "--batch-size", "64"], capsys)
     assert_clean_error(code, err, "fewer than one batch of 64")
 
 

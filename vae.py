@@ -256,55 +256,57 @@ def decoder_trunk(widths):
 class DenseVAE(nn.Module):
     """Conv encoder -> flatten -> linear heads -> vector z (D,) -> linear -> conv decoder.
 
-    Every latent unit sees the whole image, and every output pixel depends on all of z."""
+    Every latent unit sees the whole image, and every output pixel depends on all of z.
+    Shapes below are for the defaults: 64x64 images, widths (16, 32, 64, 128), D = 32."""
 
-    def __init__(self, size=64, latent_dim=32, widths=(32, 64, 128, 256)):
+    def __init__(self, size=64, latent_dim=32, widths=(16, 32, 64, 128)):
         super().__init__()
-        self.grid = size // 2 ** len(widths)                # 4 for 64x64 images
-        feat = widths[-1] * self.grid ** 2                  # 256*4*4 = 4096
+        self.grid = size // 2 ** len(widths)                # 4 (8 for 128x128 images)
+        feat = widths[-1] * self.grid ** 2                  # 128*4*4 = 2048
         self.latent_shape = (latent_dim,)
-        self.encoder = encoder_trunk(widths)                # (B, 256, 4, 4)
+        self.encoder = encoder_trunk(widths)                # (B, 128, 4, 4)
         self.mu = nn.Linear(feat, latent_dim)               # (B, D)
         self.logvar = nn.Linear(feat, latent_dim)           # (B, D)
-        self.expand = nn.Sequential(nn.Linear(latent_dim, feat), nn.ReLU())   # (B, 4096)
+        self.expand = nn.Sequential(nn.Linear(latent_dim, feat), nn.ReLU())   # (B, 2048)
         self.decoder = decoder_trunk(widths)                # (B, 1, 64, 64)
         self.size, self.widths = size, widths
 
     def encode(self, x):
-        h = self.encoder(x).flatten(1)                      # (B, 4096)
+        h = self.encoder(x).flatten(1)                      # (B, 2048)
         return self.mu(h), self.logvar(h)                   # (B, D), (B, D)
 
     def decode(self, z):
-        h = self.expand(z).view(-1, self.widths[-1], self.grid, self.grid)   # (B, 256, 4, 4)
+        h = self.expand(z).view(-1, self.widths[-1], self.grid, self.grid)   # (B, 128, 4, 4)
         return self.decoder(h)                              # (B, 1, 64, 64) logits
 
 
 class FullyConvVAE(nn.Module):
     """Conv encoder -> 3x3 conv heads -> spatial z (C, S/16, S/16) -> conv decoder.
 
-    No nn.Linear anywhere: each latent cell describes its own 16x16-pixel neighbourhood
-    (more, through the receptive field), and the decoder can be run on a larger latent
-    grid to draw a larger image. The heads use 3x3 kernels on the 4x4 map with padding,
-    so no kernel ever covers the whole feature map (which would be a dense layer)."""
+    No nn.Linear anywhere. The latent is a small image: at 64x64 a 4x4 grid, so each latent
+    cell sits over a 16x16-pixel patch (and, through the receptive field, sees more), and
+    the decoder can be run on a larger grid to draw a larger image. The heads use 3x3
+    kernels with padding, so no kernel covers the whole feature map (a dense layer in
+    disguise would). Shapes below: 64x64 images, widths (16, 32, 64, 128), C = 8."""
 
-    def __init__(self, size=64, latent_channels=8, widths=(32, 64, 128, 256)):
+    def __init__(self, size=64, latent_channels=8, widths=(16, 32, 64, 128)):
         super().__init__()
-        self.grid = size // 2 ** len(widths)                # 4 for 64x64 images
+        self.grid = size // 2 ** len(widths)                # 4 (8 for 128x128 images)
         self.latent_shape = (latent_channels, self.grid, self.grid)
-        self.encoder = encoder_trunk(widths)                # (B, 256, 4, 4)
+        self.encoder = encoder_trunk(widths)                # (B, 128, 4, 4)
         self.mu = nn.Conv2d(widths[-1], latent_channels, 3, 1, 1)       # (B, C, 4, 4)
         self.logvar = nn.Conv2d(widths[-1], latent_channels, 3, 1, 1)   # (B, C, 4, 4)
         self.expand = nn.Sequential(nn.Conv2d(latent_channels, widths[-1], 3, 1, 1),
-                                    nn.BatchNorm2d(widths[-1]), nn.ReLU())  # (B, 256, 4, 4)
+                                    nn.BatchNorm2d(widths[-1]), nn.ReLU())  # (B, 128, 4, 4)
         self.decoder = decoder_trunk(widths)                # (B, 1, 64, 64)
         self.size, self.widths = size, widths
 
     def encode(self, x):
-        h = self.encoder(x)
-        return self.mu(h), self.logvar(h)
+        h = self.encoder(x)                                 # (B, 128, 4, 4)
+        return self.mu(h), self.logvar(h)                   # (B, C, 4, 4) each
 
     def decode(self, z):
-        return self.decoder(self.expand(z))
+        return self.decoder(self.expand(z))                 # (B, 1, 64, 64) logits
 
 
 ARCHS = {"dense": DenseVAE, "fullyconv": FullyConvVAE}
@@ -314,8 +316,9 @@ def build_model(arch, size=64, **kwargs):
     """A VAE with encode(x) -> (mu, logvar), decode(z) -> logits and latent_shape."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {list(ARCHS)}, not {arch!r}")
-    if size % 16:
-        raise ValueError(f"size must be a multiple of 16, not {size}")
+    widths = kwargs.get("widths", (16, 32, 64, 128))
+    if size % 2 ** len(widths):
+        raise ValueError(f"size {size} must be divisible by 2^{len(widths)} (one halving per width)")
     return ARCHS[arch](size=size, **kwargs)
 
 
@@ -400,8 +403,10 @@ def split(images, val_fraction, seed):
 
 
 def to_float(batch, device):
-    """uint8 (B, 1, S, S) -> float32 on the device: converted per batch, never all at once."""
-    return batch.to(device, non_blocking=True).float()
+    """uint8 (B, 1, S, S) -> float32 on the device: converted per batch, never all at once.
+    channels_last (NHWC) memory lets oneDNN run its fastest convolutions: +30% img/s on the
+    CPU here (the model is put in channels_last too, in run())."""
+    return batch.to(device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
 
 
 def lr_at(step, total, lr):
@@ -591,7 +596,7 @@ def load_model(path, device="cpu"):
     cfg = dict(saved["config"])
     model = build_model(cfg.pop("arch"), **cfg)
     model.load_state_dict(saved["state_dict"] if "state_dict" in saved else saved["model"])
-    return model.to(device).eval()
+    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -1143,16 +1148,17 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", choices=list(ARCHS), help="dense: vector latent; fullyconv: no dense layer")
     p.add_argument("--size", type=int, choices=[64, 128], default=64, help="image size to train at")
-    p.add_argument("--epochs", type=positive_int, default=20)
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak Adam learning rate")
+    p.add_argument("--epochs", type=positive_int, default=28)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak Adam learning rate")
     p.add_argument("--beta", type=non_negative_float, default=1.0, help="KL weight; 1 = the true ELBO")
-    p.add_argument("--mmd", type=non_negative_float, default=0.0, help="weight of the MMD(q(z), p(z)) term")
+    p.add_argument("--mmd", type=non_negative_float,
+                   help="weight of the MMD(q(z), p(z)) term (default: 1000 for dense, 0 for fullyconv)")
     p.add_argument("--warmup", type=non_negative_float, default=1.0, help="epochs of linear KL warm-up")
     p.add_argument("--latent-dim", type=positive_int, default=32, help="dense: latent vector length")
     p.add_argument("--latent-channels", type=positive_int, default=8,
                    help="fullyconv: latent channels; the grid is size/16 x size/16")
-    p.add_argument("--widths", default="32,64,128,256", help="encoder channels per stride-2 stage")
+    p.add_argument("--widths", default="16,32,64,128", help="encoder channels per stride-2 stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the images")
     p.add_argument("--data", type=Path, help=f"HDF5 file (default {DEFAULT_DATA}, else synthetic)")
@@ -1169,6 +1175,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.compare_data and args.arch is None:
         p.error("--arch is required (dense or fullyconv)")
+    if args.mmd is None:          # measured: helps the dense latent, hurts the spatial one (README)
+        args.mmd = 1000.0 if args.arch == "dense" else 0.0
     if not 0 < args.val_fraction < 1:
         p.error(f"argument --val-fraction: must be between 0 and 1, not {args.val_fraction}")
     try:
@@ -1203,7 +1211,8 @@ def run(args):
         print(compare_data(Path("results")))
         return
     kwargs = {"latent_dim": args.latent_dim} if args.arch == "dense" else {"latent_channels": args.latent_channels}
-    model = build_model(args.arch, args.size, widths=args.widths, **kwargs).to(device)
+    model = build_model(args.arch, args.size, widths=args.widths, **kwargs)
+    model = model.to(device, memory_format=torch.channels_last)
     if args.benchmark:
         check_writable(out.parent if args.out is None else out)
         result = benchmark(model, args.batch_size, device, args.bench_seconds)
