@@ -331,6 +331,13 @@ def build_model(arch, size=64, **kwargs):
 #   KL = -1/2 (1 + log sigma^2 - mu^2 - sigma^2)
 # Both terms are summed over the image / the latent and averaged over the batch, so the
 # numbers are nats per image. beta weights the KL (beta = 1 is the true ELBO).
+#
+# The KL acts on each image's posterior separately. What sampling needs is that the codes
+# of *all* images together (the aggregate posterior) fill N(0, I); where they do not, a
+# random z lands in a hole and decodes to broken channels. An optional MMD term (InfoVAE,
+# Zhao et al. 2019) penalizes that mismatch directly, batch by batch. It is an addition to
+# the ELBO, so with --mmd > 0 the training loss is no longer a pure -ELBO (the reported
+# rec and kl terms still are).
 
 def gaussian_kl(mu, logvar):
     """KL(N(mu, exp(logvar)) || N(0, 1)) summed over all latent elements: (B, ...) -> (B,)"""
@@ -965,6 +972,8 @@ def make_figures(model, val_x, history, out, device, data_name, seed=0):
         ax.plot(history["epoch"], history[f"train_{term}"], "o-", label="train")
         ax.plot(history["epoch"], history[f"val_{term}"], "s-", label="validation")
         ax.set_xlabel("epoch"), ax.set_ylabel("nats per image"), ax.legend()
+        if term == "rec":
+            ax.set_yscale("log")          # the first epoch's loss would flatten the rest
         ax.set_title({"rec": "reconstruction  -log p(x|z)", "kl": "KL(q(z|x) || p(z))"}[term])
     fig.suptitle(f"{note}: loss terms per epoch", fontsize=10)
     fig.tight_layout()
@@ -972,39 +981,46 @@ def make_figures(model, val_x, history, out, device, data_name, seed=0):
     plt.close(fig)
 
 
+# The targets this project set itself (dense, fullyconv); realism scores are in multiples
+# of the noise floor. "<=" means lower is better.
+TARGETS = {"realism": ("<= 3x floor", "<= 5x floor"), "blur": ("<= 0.03", "<= 0.05"),
+           "recon_accuracy": (">= 0.98", ">= 0.97"), "real_recon_accuracy": (">= 0.95", ">= 0.93"),
+           "agg_posterior_cov_err": ("<= 0.2", "<= 0.3")}
+
+
 def write_comparison(results_dir, held, device):
-    """results/comparison.md: every arch's metrics.json next to the noise floor, and
-    results/samples_side_by_side.png: real, synthetic and each arch's prior samples."""
+    """results/comparison.md: each arch's metrics.json beside the noise floor and the
+    targets, and results/samples_side_by_side.png: real, synthetic and prior samples."""
     metrics = {a: json.loads((results_dir / a / "metrics.json").read_text())
                for a in ARCHS if (results_dir / a / "metrics.json").is_file()}
     if not metrics:
         return
-    names = list(metrics)
-    lines = ["| metric | " + " | ".join(names) + " | noise floor | " + " | ".join(f"{a} / floor" for a in names) + " |",
-             "|---" * (2 + 2 * len(names)) + "|"]
-    for key in next(iter(metrics.values()))["realism"]:
+    names, first = list(metrics), next(iter(metrics.values()))
+    def row(cells):
+        return "| " + " | ".join(cells) + " |"
+    lines = [row(["metric"] + names + ["noise floor / data"] + [f"target {a}" for a in names]),
+             row(["---"] * (2 + 2 * len(names)))]
+    for key, floor in first["floor"].items():            # realism: value (multiple of floor)
         if key.endswith("_mean"):
             continue
-        floor = metrics[names[0]]["floor"][key]
-        vals = [metrics[a]["realism"][key] for a in names]
-        lines.append(f"| {key} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {floor:.4f} | "
-                     + " | ".join(f"{v / max(floor, 1e-12):.1f}x" for v in vals) + " |")
-    for key, fmt in (("blur", ".4f"), ("recon_accuracy", ".4f"), ("real_recon_accuracy", ".4f"),
-                     ("neg_elbo", ".1f"), ("elbo_rec", ".1f"), ("elbo_kl", ".1f"), ("neg_iwae", ".1f"),
-                     ("bits_per_pixel", ".4f"), ("active_units", "d"), ("latent_dim", "d"),
-                     ("agg_posterior_cov_err", ".3f"), ("agg_posterior_mean_err", ".3f"),
-                     ("pieces_mean", ".2f"), ("spanning_mean", ".2f"), ("diversity", ".3f"),
-                     ("memorisation", ".3f"), ("interp_step_mean", ".4f"), ("interp_step_max", ".4f"),
-                     ("train_minutes", ".1f")):
-        vals = [metrics[a]["realism"][key] if key in metrics[a]["realism"] else metrics[a].get(key) for a in names]
-        floor = {"pieces_mean": "data_pieces_mean", "spanning_mean": "data_spanning_mean"}.get(key)
-        ref = f"{metrics[names[0]][floor]:{fmt}} (data)" if floor else ""
-        lines.append(f"| {key} | " + " | ".join("-" if v is None else f"{v:{fmt}}" for v in vals)
-                     + f" | {ref} |" + " |" * len(names))
-    data = {metrics[a].get("data", "?") for a in names}
+        cells = [f"{metrics[a]['realism'][key]:.4f} ({metrics[a]['realism'][key] / max(floor, 1e-12):.0f}x)"
+                 for a in names]
+        lines.append(row([key] + cells + [f"{floor:.4f}"] + [TARGETS["realism"][list(ARCHS).index(a)] for a in names]))
+    extra = {"pieces_mean": f"{first['data_pieces_mean']:.2f}", "spanning_mean": f"{first['data_spanning_mean']:.2f}"}
+    for key, fmt in (("pieces_mean", ".2f"), ("spanning_mean", ".2f"), ("blur", ".4f"),
+                     ("recon_accuracy", ".4f"), ("real_recon_accuracy", ".4f"), ("neg_elbo", ".1f"),
+                     ("elbo_rec", ".1f"), ("elbo_kl", ".1f"), ("neg_iwae", ".1f"), ("bits_per_pixel", ".4f"),
+                     ("active_units", "d"), ("latent_dim", "d"), ("agg_posterior_cov_err", ".3f"),
+                     ("agg_posterior_mean_err", ".3f"), ("diversity", ".3f"), ("memorisation", ".3f"),
+                     ("interp_step_mean", ".4f"), ("interp_step_max", ".4f"), ("train_minutes", ".1f")):
+        vals = [metrics[a]["realism"].get(key, metrics[a].get(key)) for a in names]
+        goals = [TARGETS[key][list(ARCHS).index(a)] if key in TARGETS else "" for a in names]
+        lines.append(row([key] + ["-" if v is None else f"{v:{fmt}}" for v in vals] + [extra.get(key, "")] + goals))
+    data = sorted({metrics[a].get("data", "?") for a in names})
     (results_dir / "comparison.md").write_text(
-        f"Prior samples (N = {metrics[names[0]]['n']}) against held-out images; the noise floor compares "
-        f"two disjoint held-out sets. Data: {', '.join(sorted(data))}.\n\n" + "\n".join(lines) + "\n")
+        f"{first['n']} prior samples of each model against {first['n']} held-out images; the noise floor "
+        f"scores another {first['n']} held-out images the same way. Data: {', '.join(data)}.\n\n"
+        + "\n".join(lines) + "\n")
     rows, labels = [real_reference(held.shape[-1])[:10].float(), held[:10].float()], ["real", "synthetic"]
     for a in names:
         if (results_dir / a / "model.pt").is_file():
@@ -1013,7 +1029,8 @@ def write_comparison(results_dir, held, device):
             rows.append(decode_probs(model, torch.randn(10, *model.latent_shape), device))
             labels.append(a)
     show_grid(rows, results_dir / "samples_side_by_side.png",
-              "real images (re-digitized), synthetic stand-in, and prior samples of each VAE", labels)
+              "real images (re-digitized), synthetic stand-in, and prior samples of each VAE "
+              "(decoder probabilities)", labels)
 
 
 def compare_data(out, n=5000, seed=1):
@@ -1250,21 +1267,20 @@ def run(args):
     if not args.evaluate:
         set_seed(args.seed)
         print("config " + json.dumps({k: config[k] for k in ("arch", "epochs", "batch_size", "lr", "beta",
-                                                               "warmup", "latent_dim", "latent_channels",
-                                                               "widths")}))
+                                                               "warmup", "mmd", "latent_dim",
+                                                               "latent_channels", "widths")}))
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"latent shape {model.latent_shape}")
-        t0 = time.perf_counter()
         try:
             # on a GPU the uint8 images live on the device (200 MB for 50k at 64x64)
             history = train(model, train_x.to(device), val_x, args, device, ckpt_path, resume)
         except Interrupted:
             make_figures(model, val_x, load_checkpoint(ckpt_path, args)["history"], out, device, data_name)
+            again = [a for a in sys.argv[1:] if a != "--resume"] if argv_is_cli() else ["--arch", args.arch]
             print(f"saved {ckpt_path} and the figures so far; resume with:\n  python vae.py "
-                  f"{' '.join(sys.argv[1:]) if argv_is_cli() else '--arch ' + args.arch} --resume",
-                  file=sys.stderr)
+                  f"{' '.join(again)} --resume", file=sys.stderr)
             sys.exit(130)
-        config["train_minutes"] = (time.perf_counter() - t0) / 60
+        config["train_minutes"] = history["seconds"][-1] / 60        # resumed runs included
         save_model(model, out / "model.pt")
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         with open(out / "history.csv", "w", newline="") as f:
@@ -1316,6 +1332,7 @@ def load_checkpoint(path, args):
 
 
 def main(argv=None):
+    sys.stdout.reconfigure(line_buffering=True)     # progress shows up even in a log file
     args = parse_args(argv)
     try:
         run(args)
