@@ -185,6 +185,7 @@ def test_connected_components_and_connectivity_of_two_bars():
     assert len(torch.unique(vae.connected_components(u)[u])) == 1
     d = torch.tensor([[[1, 0], [0, 1]]], dtype=torch.bool)
     assert len(torch.unique(vae.connected_components(d)[d])) == 2
+    assert not vae.connected_components(torch.zeros(2, 4, 4, dtype=torch.bool)).any()   # all background
 
 
 def test_pieces_spanning_and_widths():
@@ -217,6 +218,33 @@ def test_hamming_matches_counting():
     a, b = torch.rand(3, 1, 6, 6) > 0.5, torch.rand(4, 1, 6, 6) > 0.5
     want = torch.tensor([[(x != y).sum().item() for y in b] for x in a], dtype=torch.float32)
     assert torch.equal(vae.hamming(a, b), want)
+
+
+def test_latent_health_on_hand_made_codes():
+    # four codes +-e1, +-e2: Cov(mu) = diag(2/3) (unbiased), so with sigma^2 = 1/3 the
+    # aggregate posterior covariance is exactly I and its mean 0
+    mu = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]])
+    health = vae.latent_health(mu, torch.full_like(mu, math.log(1 / 3)))
+    assert health["active_units"] == 2 and health["latent_dim"] == 2
+    assert health["agg_posterior_cov_err"] == pytest.approx(0, abs=1e-6)    # float32 sigma^2
+    assert health["agg_posterior_mean_err"] == pytest.approx(0, abs=1e-9)
+    # codes that ignore the image, with sigma^2 = 4: covariance 4I, error ||3I|| / sqrt(d) = 3
+    still = vae.latent_health(torch.ones(5, 3), torch.full((5, 3), math.log(4)))
+    assert still["active_units"] == 0
+    assert still["agg_posterior_cov_err"] == pytest.approx(3)
+    assert still["agg_posterior_mean_err"] == pytest.approx(1)       # ||(1, 1, 1)|| / sqrt(3)
+
+
+def test_blur_diversity_memorisation_and_interpolation_steps():
+    assert vae.blur(torch.tensor([0.0, 1.0, 0.5, 0.25])) == pytest.approx(0.1875)
+    x = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert vae.mean_pairwise_hamming(x) == pytest.approx((2 + 4 + 2) / 3)
+    pool = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    assert vae.nearest_distance(x, pool).tolist() == [0, 1, 1]
+    # 3 frames on 2 paths: path 0 flips every pixel once, path 1 never changes
+    frames = torch.zeros(3, 2, 4, dtype=torch.bool)
+    frames[2, 0] = True
+    assert vae.step_changes(frames) == pytest.approx((0.25, 1.0))
 
 
 def test_realism_scores_are_zero_for_identical_sets():
@@ -460,6 +488,18 @@ def test_main_end_to_end_and_evaluate(tmp_path, capsys):
     code, stdout, err = run_main(argv + ["--evaluate"], capsys)
     assert code == 0, err
     assert (out / "samples.png").is_file() and "epoch 1/" not in stdout
+
+
+def test_same_seed_same_model_other_seed_other_model(tmp_path, capsys):
+    data = tiny_h5(tmp_path / "d.h5", n=160)
+    weights = []
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        code, _, err = run_main(["--arch", "dense", "--data", data, "--out", tmp_path / run, "--epochs", "1",
+                                 "--batch-size", "32", "--widths", "8,16,16,16", "--seed", seed,
+                                 "--eval-n", "4", "--iwae-k", "2"], capsys)
+        assert code == 0, err
+        weights.append(torch.load(tmp_path / run / "model.pt", weights_only=True)["state_dict"]["mu.weight"])
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
 def test_benchmark_flag_writes_json(tmp_path, capsys):

@@ -627,6 +627,8 @@ def connected_components(m):
     largest label along every horizontal run and every vertical run until nothing changes
     (a channel that winds k times needs about k rounds, not one round per pixel)."""
     on = m.flatten()
+    if not on.any():                                   # no channel pixel at all
+        return torch.zeros(m.shape, dtype=torch.long)
     row_id = horizontal_runs(m).flatten()[on]                                   # (P,)
     col_id = horizontal_runs(m.transpose(1, 2)).transpose(1, 2).flatten()[on]   # (P,)
     label = torch.nonzero(on).squeeze(1) + 1                                     # (P,)
@@ -815,6 +817,37 @@ def nearest_distance(queries, pool, chunk=4096):
     return best
 
 
+def latent_health(mu, logvar):
+    """Posterior means and log-variances of N images, (N, ...) each -> active units (latent
+    elements whose mean moves with the image: Var_x mu(x) > 0.01) and the mismatch between
+    the aggregate posterior and N(0, I): its covariance is Cov(mu) + E[diag sigma^2], which
+    should be I, and its mean E[mu], which should be 0 (both scaled by 1/sqrt(d))."""
+    m, v = mu.flatten(1).double(), logvar.flatten(1).double().exp()
+    d = m.shape[1]
+    agg = torch.cov(m.T).reshape(d, d) + torch.diag(v.mean(0)) - torch.eye(d, dtype=torch.float64)
+    return {"active_units": int((m.var(0) > 0.01).sum()), "latent_dim": d,
+            "agg_posterior_cov_err": float(agg.norm() / math.sqrt(d)),
+            "agg_posterior_mean_err": float(m.mean(0).norm() / math.sqrt(d))}
+
+
+def blur(probs):
+    """Mean of min(p, 1 - p) over decoder probabilities: 0 = every pixel decided, 0.5 = coin flips."""
+    return torch.minimum(probs, 1 - probs).mean().item()
+
+
+def mean_pairwise_hamming(x):
+    """Mean Hamming distance over all pairs of distinct images in x (N, ...)."""
+    i, j = torch.triu_indices(len(x), len(x), 1)
+    return hamming(x, x)[i, j].mean().item()
+
+
+def step_changes(frames):
+    """frames: (steps, paths, pixels) binary images along latent paths -> mean and max
+    fraction of pixels that flip between consecutive steps (a jump shows in the max)."""
+    change = (frames[1:].float() - frames[:-1].float()).abs().mean(2)      # (steps - 1, paths)
+    return change.mean().item(), change.max().item()
+
+
 @torch.no_grad()
 def decode_probs(model, z, device, batch_size=500):
     """Decoder probabilities for latents z -> (N, 1, S, S) float on the CPU."""
@@ -869,24 +902,17 @@ def evaluate(model, train_x, val_x, device, n=1000, iwae_k=100, seed=0, log=prin
     out["real_recon_accuracy"] = (real_recon == real.bool()).float().mean().item()
 
     # 3. latent health: active units and how far the aggregate posterior is from N(0, I)
-    m, v = mu.flatten(1).double(), logvar.flatten(1).double().exp()
-    d = m.shape[1]
-    out["active_units"] = int((m.var(0) > 0.01).sum())
-    out["latent_dim"] = d
-    agg = torch.cov(m.T).reshape(d, d) + torch.diag(v.mean(0)) - torch.eye(d, dtype=torch.float64)
-    out["agg_posterior_cov_err"] = float(agg.norm() / math.sqrt(d))
-    out["agg_posterior_mean_err"] = float(m.mean(0).norm() / math.sqrt(d))
+    out.update(latent_health(mu, logvar))
 
     # 4-9. prior samples against held-out images, and the noise floor
     probs = decode_probs(model, torch.randn(n, *model.latent_shape), device)
     samples = (probs >= 0.5).to(torch.uint8)
-    out["blur"] = torch.minimum(probs, 1 - probs).mean().item()
+    out["blur"] = blur(probs)
     out["realism"] = realism_scores(samples, held)
     out["floor"] = realism_scores(floor_set, held)
     out["data_pieces_mean"] = out["floor"]["pieces_mean"]
     out["data_spanning_mean"] = out["floor"]["spanning_mean"]
-    pair = lambda s: hamming(s, s)[torch.triu_indices(len(s), len(s), 1).unbind()].mean().item()
-    out["diversity"] = pair(samples) / pair(held)
+    out["diversity"] = mean_pairwise_hamming(samples) / mean_pairwise_hamming(held)
     out["memorisation"] = (nearest_distance(samples, train_x).median() /
                            nearest_distance(held, train_x).median()).item()
     t_real = time.perf_counter()
@@ -896,9 +922,8 @@ def evaluate(model, train_x, val_x, device, n=1000, iwae_k=100, seed=0, log=prin
     ends = mu[:2 * pairs].view(2, pairs, *model.latent_shape)
     t = torch.linspace(0, 1, 16).view(16, 1, *[1] * len(model.latent_shape))
     path = (1 - t) * ends[0].unsqueeze(0) + t * ends[1].unsqueeze(0)       # (16, pairs, *latent)
-    img = (decode_probs(model, path.flatten(0, 1), device) >= 0.5).view(16, pairs, -1).float()
-    change = (img[1:] - img[:-1]).abs().mean(2)                             # (15, pairs)
-    out["interp_step_mean"], out["interp_step_max"] = change.mean().item(), change.max().item()
+    frames = (decode_probs(model, path.flatten(0, 1), device) >= 0.5).view(16, pairs, -1)
+    out["interp_step_mean"], out["interp_step_max"] = step_changes(frames)
     out["seconds"] = {"likelihood": t_lik - t0, "samples": t_real - t_lik,
                       "total": time.perf_counter() - t0}
     log(f"evaluated in {out['seconds']['total']:.0f} s (likelihood {t_lik - t0:.0f} s, "
@@ -1221,6 +1246,7 @@ def check_writable(folder):
 
 
 def run(args):
+    set_seed(args.seed)                 # before the model is built: the seed sets its init too
     device = pick_device(args.device)
     out = args.out or Path("results") / (args.arch or "")
     if args.compare_data:
@@ -1265,7 +1291,6 @@ def run(args):
     print(f"data {data_path}: {len(train_x)} train + {len(val_x)} held-out images at {args.size}x{args.size}")
 
     if not args.evaluate:
-        set_seed(args.seed)
         print("config " + json.dumps({k: config[k] for k in ("arch", "epochs", "batch_size", "lr", "beta",
                                                                "warmup", "mmd", "latent_dim",
                                                                "latent_channels", "widths")}))
