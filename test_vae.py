@@ -281,6 +281,21 @@ def test_training_lowers_validation_loss(tmp_path):
     assert history["val_loss"][-1] < history["val_loss"][0]
 
 
+def test_rotate180_keeps_the_lean_and_turns_only_where_asked():
+    # a hand-made channel leaning from top-right to bottom-left, plus a blob in one corner
+    img = np.zeros((32, 32), np.uint8)
+    for y in range(32):
+        img[y, 20 - y // 3: 24 - y // 3] = 1
+    img[0:3, 0:3] = 1
+    x = torch.from_numpy(np.stack([img, img]))[:, None].float()            # (2, 1, 32, 32)
+    out = vae.rotate180(x, torch.tensor([True, False]))
+    assert np.array_equal(out[0, 0].numpy(), np.rot90(img, 2))              # numpy's half-turn
+    assert torch.equal(out[1], x[1])                                        # untouched
+    lean = vae.image_statistics(out[:, 0].bool())["lean"]
+    # a half-turn keeps the lean (a mirror flip would negate it); the blob is too short to count
+    assert lean[0] == pytest.approx(lean[1]) and lean[1] > 10
+
+
 def test_model_round_trip_decodes_identically(tmp_path):
     for arch in ("dense", "fullyconv"):
         model = vae.build_model(arch, 64, **TINY).eval()

@@ -427,6 +427,14 @@ def to_float(batch, device):
     return batch.to(device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
 
 
+def rotate180(x, turn):
+    """Rotate the images where turn is True by 180 degrees: (B, 1, S, S) -> (B, 1, S, S).
+    A half-turn keeps what the channels look like: they still run north-south and still
+    lean from top-right to bottom-left, with the same widths, crossings and cuts. A
+    left-right or up-down flip would reverse the lean, so it is not used."""
+    return torch.where(turn.view(-1, 1, 1, 1), x.flip(-2, -1), x)
+
+
 def lr_at(step, total, lr):
     """Linear warm-up over the first 200 steps (or 10% of a short run), then a cosine
     decay to 5% of lr at the end: big steps early, fine ones to settle the decoder."""
@@ -531,14 +539,19 @@ def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print
     seen_log = 0
     try:
         for epoch in range(epoch, args.epochs):
-            order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(
-                args.seed * 1_000_003 + epoch)).to(train_x.device)
+            # The data order and the augmentation of epoch e are functions of (seed, e) only.
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(train_x), generator=g).to(train_x.device)
+            turn = torch.rand(len(train_x), generator=g).to(train_x.device) < 0.5   # (N,) bool
             for s in range(first_step, steps_per_epoch):
                 step = epoch * steps_per_epoch + s
                 lr, beta = lr_at(step, total_steps, args.lr), beta_at(step, warmup_steps, args.beta)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                x = to_float(train_x[order[s * bs:(s + 1) * bs]], device)   # (B, 1, S, S)
+                idx = order[s * bs:(s + 1) * bs]
+                x = to_float(train_x[idx], device)                          # (B, 1, S, S)
+                if args.augment == "rot180":
+                    x = rotate180(x, turn[idx].to(device))
                 loss, rec, kl = neg_elbo(model, x, beta, args.mmd)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
@@ -1207,6 +1220,8 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=non_negative_float, default=1.0, help="KL weight; 1 = the true ELBO")
     p.add_argument("--mmd", type=non_negative_float,
                    help="weight of the MMD(q(z), p(z)) term (default: 1000 for dense, 0 for fullyconv)")
+    p.add_argument("--augment", choices=["rot180", "none"], default="rot180",
+                   help="rot180: turn a random half of each batch by 180 degrees")
     p.add_argument("--warmup", type=non_negative_float, default=1.0, help="epochs of linear KL warm-up")
     p.add_argument("--latent-dim", type=positive_int, default=32, help="dense: latent vector length")
     p.add_argument("--latent-channels", type=positive_int, default=8,
