@@ -23,7 +23,7 @@ REAL = np.load(HERE / "results" / "real_reference.npz")["images"]
 
 
 def tiny_h5(path, n=160, seed=0):
-    vae.write_h5(path, [vae.make_synthetic_channels(n, seed=seed)], n)
+    vae.write_h5(path, [vae.make_synthetic_channels(n, seed=seed)])
     return path
 
 
