@@ -161,6 +161,104 @@ def test_iwae_bound():
     assert (k50 >= k1 - 1e-3 * k1.abs()).all()
 
 
+# ----------------------------------------------------------------------------- learned prior
+
+def perturbed_flow(arch, scale=0.02, **kwargs):
+    """A VAE with a flow prior whose weights are moved off the identity (an untrained flow
+    is the identity map on N(0, I), which would make the tests below trivial)."""
+    torch.manual_seed(0)
+    model = vae.build_model(arch, 64, prior="flow", **TINY, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.prior.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["dense", "fullyconv"])
+def test_flow_inverse_is_exact(arch):
+    model = perturbed_flow(arch)
+    z = torch.randn(16, *model.latent_shape)
+    with torch.no_grad():
+        u, _ = model.prior.inverse(z)
+        assert (u - z).abs().max() > 0.05                 # the flow really moves points
+        torch.testing.assert_close(model.prior(u), z, rtol=0, atol=1e-5)     # f(f^-1(z)) = z
+        u2 = torch.randn(16, *model.latent_shape)
+        torch.testing.assert_close(model.prior.inverse(model.prior(u2))[0], u2, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, kwargs", [("dense", dict(latent_dim=4)), ("fullyconv", dict(latent_channels=2))])
+def test_flow_log_determinant_matches_autograd_jacobian(arch, kwargs):
+    # a tiny flow in float64: log|det du/dz| from the code against slogdet of the full
+    # Jacobian that autograd computes by brute force
+    model = perturbed_flow(arch, scale=0.1, **kwargs).double()
+    if arch == "fullyconv":
+        model.prior.steps = model.prior.steps[:3]
+    for seed in range(3):
+        z = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        _, logdet = model.prior.inverse(z)
+        jac = torch.autograd.functional.jacobian(lambda v: model.prior.inverse(v.view_as(z))[0].flatten(), z.flatten())
+        sign, want = torch.linalg.slogdet(jac)
+        assert sign != 0 and logdet.item() == pytest.approx(want.item(), abs=1e-8)
+    # an untrained flow is a rotation (orthogonal mixes, zero couplings), so its density is
+    # exactly N(0, I); the mixes are orthogonal to float32 precision, hence atol 1e-5
+    plain = vae.build_model(arch, 64, prior="flow", **TINY, **kwargs).double()
+    z = torch.randn(5, *plain.latent_shape, dtype=torch.float64)
+    want = torch.distributions.Normal(0.0, 1.0).log_prob(z).flatten(1).sum(1)
+    torch.testing.assert_close(plain.prior.log_prob(z), want, rtol=0, atol=1e-5)
+
+
+def test_fullyconv_flow_has_no_linear_and_runs_on_two_grids():
+    model = perturbed_flow("fullyconv")
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    for grid in ((4, 4), (8, 8), (3, 5)):
+        z = vae.sample_latents(model, 2, grid=grid)
+        assert z.shape == (2, model.latent_shape[0], *grid)
+        u, logdet = model.prior.inverse(z)
+        torch.testing.assert_close(model.prior(u), z, rtol=0, atol=1e-5)
+        assert model.decode(z).shape == (2, 1, 16 * grid[0], 16 * grid[1])
+    assert any(isinstance(m, nn.Linear) for m in perturbed_flow("dense").prior.modules())
+
+
+@pytest.mark.parametrize("arch", ["dense", "fullyconv"])
+def test_flow_model_reloads_with_the_same_samples(tmp_path, arch):
+    model = perturbed_flow(arch)
+    vae.save_model(model, tmp_path / "m.pt")
+    again = vae.load_model(tmp_path / "m.pt")
+    assert again.prior is not None and vae.model_config(again)["prior"] == "flow"
+    a = vae.sample_latents(model, 8, torch.Generator().manual_seed(3))
+    b = vae.sample_latents(again, 8, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)          # same seed, same samples
+    assert not torch.allclose(a, vae.sample_latents(again, 8, torch.Generator().manual_seed(4)))
+
+
+def test_sample_latents_falls_back_to_standard_normal():
+    model = vae.build_model("dense", 64, **TINY)
+    assert model.prior is None
+    z = vae.sample_latents(model, 4000, torch.Generator().manual_seed(0))
+    want = torch.randn(4000, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(z, want)                       # exactly u: no flow in between
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+
+
+def test_fitted_flow_approaches_the_entropy_of_a_banana():
+    # 2-d codes on a thin curved banana, z2 = z1^2 / 2 - 1 + noise: N(0, I) fits them badly.
+    # No density can beat the true one on average, so the held-out -log p(z) of the fitted
+    # flow must fall between the banana's analytic entropy and N(0, I)'s cross-entropy.
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(4000, generator=g)
+    mu = torch.stack([t, 0.5 * t ** 2 - 1 + 0.1 * torch.randn(4000, generator=g)], 1)
+    logvar = torch.full_like(mu, math.log(1e-4))          # posterior sd 0.01 on top
+    torch.manual_seed(0)
+    prior = vae.FlowPrior((2,), hidden=64)              # the dense flow, narrower
+    history = vae.fit_prior(prior, (mu[:3600], logvar[:3600]), (mu[3600:], logvar[3600:]),
+                            torch.device("cpu"), epochs=15, batch_size=200, lr=5e-3, log=lambda s: None)
+    # entropy: N(0, 1 + 1e-4) for z1, then N(., 0.01 + 1e-4) for z2 given z1
+    entropy = 0.5 * math.log(2 * math.pi * math.e * (1 + 1e-4)) + 0.5 * math.log(2 * math.pi * math.e * 0.0101)
+    gauss = 0.5 * (1 + 1e-4) + 0.5 * (0.5 + 0.25 + 0.0101) + math.log(2 * math.pi)   # E[-log N(z)]
+    best = min(h["val_nll"] for h in history)
+    assert entropy - 0.1 < best < entropy + 0.4 < gauss - 1.5, (entropy, best, gauss)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def test_variogram_of_stripes():
@@ -257,6 +355,36 @@ def test_realism_scores_are_zero_for_identical_sets():
             assert value == pytest.approx(0, abs=1e-9), key
 
 
+# ----------------------------------------------------------------------------- conditioning (ES-MDA)
+
+def test_inflation_factors_inverses_sum_to_one():
+    for n in (1, 2, 4, 7):
+        alphas = vae.inflation_factors(n)
+        assert len(alphas) == n and sum(1 / a for a in alphas) == pytest.approx(1, abs=1e-12)
+
+
+def test_esmda_recovers_the_analytic_linear_gaussian_posterior():
+    # m ~ N(m0, C_M), d = G m + e, e ~ N(0, sd^2 I): the posterior is Gaussian with
+    #   mean m0 + K (d_obs - G m0),  cov C_M - K G C_M,  K = C_M G^T (G C_M G^T + C_D)^-1
+    # and ES-MDA with sum 1/alpha = 1 samples it exactly as the ensemble grows.
+    torch.manual_seed(0)
+    m0 = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
+    a = torch.tensor([[1.0, 0.3, 0.0], [0.0, 0.8, 0.2], [0.1, 0.0, 0.6]], dtype=torch.float64)
+    c_m = a @ a.T
+    G = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    sd, d_obs = 0.3, torch.tensor([1.2, -0.4], dtype=torch.float64)
+    gain = c_m @ G.T @ torch.linalg.inv(G @ c_m @ G.T + sd ** 2 * torch.eye(2, dtype=torch.float64))
+    want_mean, want_cov = m0 + gain @ (d_obs - G @ m0), c_m - gain @ G @ c_m
+    g = torch.Generator().manual_seed(1)
+    n = 20_000
+    prior = m0 + torch.randn(n, 3, generator=g, dtype=torch.float64) @ a.T
+    post = vae.esmda(lambda m: m @ G.T, prior, d_obs, sd, n_assimilations=4, generator=g)
+    # tolerance: the ensemble mean's sampling error is sd_post / sqrt(n) < 0.01
+    torch.testing.assert_close(post.mean(0), want_mean, rtol=0, atol=0.02)
+    torch.testing.assert_close(torch.cov(post.T), want_cov, rtol=0, atol=0.02)
+    assert (post.mean(0) - prior.mean(0)).abs().max() > 0.3          # the update did move it
+
+
 # ----------------------------------------------------------------------------- training
 
 def tiny_args(tmp_path, *extra):
@@ -297,13 +425,20 @@ def test_rotate180_keeps_the_lean_and_turns_only_where_asked():
 
 
 def test_model_round_trip_decodes_identically(tmp_path):
+    # load_model puts the model in channels_last, and the two memory formats run different
+    # oneDNN kernels, whose sums differ in the last bits (about 1e-7 relative, more or less
+    # by CPU kind). So this compares with float32 tolerances (assert_close's defaults:
+    # rtol 1.3e-6, atol 1e-5), far below any change that a wrong weight would make.
     for arch in ("dense", "fullyconv"):
         model = vae.build_model(arch, 64, **TINY).eval()
         vae.save_model(model, tmp_path / "m.pt")
         again = vae.load_model(tmp_path / "m.pt")
         z = torch.randn(3, *model.latent_shape)
         with torch.no_grad():
-            assert torch.equal(model.decode(z), again.decode(z))
+            torch.testing.assert_close(model.decode(z), again.decode(z))
+        # the weights themselves come back bit for bit
+        for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+            assert torch.equal(a, b), name
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -468,44 +603,96 @@ def test_unwritable_out_fails_before_training(tmp_path, capsys):
     assert "epoch" not in out
 
 
+def start(argv, cwd):
+    return subprocess.Popen([sys.executable, str(HERE / "vae.py"), *map(str, argv)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def interrupt_after(proc, marker, delay):
+    """Send SIGINT `delay` s after a stdout line containing marker -> (code, stdout, stderr)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            break
+    assert seen and marker in seen[-1], "".join(seen)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, "".join(seen) + stdout, stderr
+
+
+def assert_one_line_130(code, stderr):
+    assert code == 130, stderr
+    assert "Traceback" not in stderr
+    assert len([l for l in stderr.splitlines() if l.strip()]) == 1, stderr
+
+
 def test_ctrl_c_saves_checkpoint_and_exits_130(tmp_path):
     data = tiny_h5(tmp_path / "d.h5", n=400)
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, str(HERE / "vae.py"), "--arch", "dense", "--data", str(data),
-                             "--out", str(out), "--epochs", "500", "--batch-size", "8", "--widths", "8,16,16,16"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    for line in proc.stdout:                  # wait until training has started
-        if line.startswith("model:"):
-            break
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and "--resume" in stderr
+    proc = start(["--arch", "dense", "--data", data, "--out", out, "--epochs", "500",
+                  "--batch-size", "8", "--widths", "8,16,16,16"], tmp_path)
+    # the line train() prints once its Ctrl-C handler is in place
+    code, stdout, stderr = interrupt_after(proc, "Ctrl-C saves a checkpoint", 1.0)
+    assert_one_line_130(code, stderr)
+    assert "--resume" in stderr
     assert (out / "checkpoint.pt").is_file() and (out / "samples.png").is_file()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] * 1000 + ckpt["step"] > 0
+    assert not list(out.glob("*.tmp"))
+
+
+def test_ctrl_c_during_data_generation_leaves_no_partial_file(tmp_path):
+    # no data/ here, so vae.py starts writing the 50,000-image synthetic cache (about 20 s)
+    proc = start(["--arch", "dense", "--out", tmp_path / "o"], tmp_path)
+    code, stdout, stderr = interrupt_after(proc, "generating", 1.0)
+    assert_one_line_130(code, stderr)
+    assert "half-written" in stderr
+    assert list((tmp_path / "data").iterdir()) == []        # neither the .h5 nor its .tmp
 
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_main_end_to_end_and_evaluate(tmp_path, capsys):
+@pytest.mark.parametrize("arch", ["dense", "fullyconv"])
+def test_main_end_to_end_evaluate_and_condition(tmp_path, capsys, arch):
     data = tiny_h5(tmp_path / "d.h5", n=200)
-    out = tmp_path / "res" / "dense"
-    argv = ["--arch", "dense", "--data", data, "--out", out, "--epochs", "1", "--batch-size", "16",
-            "--widths", "8,16,16,16", "--eval-n", "10", "--iwae-k", "3"]
+    out = tmp_path / "res" / arch
+    argv = ["--arch", arch, "--data", data, "--out", out, "--epochs", "1", "--batch-size", "16",
+            "--widths", "8,16,16,16", "--eval-n", "10", "--iwae-k", "3", "--prior-epochs", "2"]
     code, stdout, err = run_main(argv, capsys)
     assert code == 0, err
     for name in ("samples.png", "interpolation.png", "reconstructions.png", "losses.png",
                  "history.csv", "config.json", "model.pt", "metrics.json"):
         assert (out / name).is_file(), name
+    assert (out / "large_field.png").is_file() == (arch == "fullyconv")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["neg_iwae"] <= metrics["neg_elbo"] + 1.0 and 0 <= metrics["blur"] <= 0.5
-    assert (tmp_path / "res" / "comparison.md").is_file()
+    assert metrics["prior"] == "flow" and set(metrics["samples"]) == {"flow", "gaussian", "posterior"}
+    assert metrics["neg_iwae"] <= metrics["neg_elbo"] + 1.0
+    assert all(0 <= s["blur"] <= 0.5 for s in metrics["samples"].values())
+    assert len(json.loads((out / "config.json").read_text())["prior_history"]) == 2
+    assert vae.load_model(out / "model.pt").prior is not None
+    assert "flow prior" in (tmp_path / "res" / "comparison.md").read_text()
     (out / "samples.png").unlink()
     code, stdout, err = run_main(argv + ["--evaluate"], capsys)
     assert code == 0, err
     assert (out / "samples.png").is_file() and "epoch 1/" not in stdout
+    code, stdout, err = run_main(argv + ["--condition", "--wells", "8"], capsys)
+    assert code == 0, err
+    cond = json.loads((out / "conditioning.json").read_text())
+    assert set(cond) == {"flow", "gaussian"} and (out / "conditioning.png").is_file()
+    assert len(cond["flow"]["cases"]) == 5 and cond["flow"]["wells"] == 8
+
+
+def test_prior_gaussian_trains_no_flow(tmp_path, capsys):
+    data = tiny_h5(tmp_path / "d.h5", n=160)
+    code, stdout, err = run_main(["--arch", "dense", "--data", data, "--out", tmp_path / "g", "--epochs", "1",
+                                  "--batch-size", "32", "--widths", "8,16,16,16", "--eval-n", "8",
+                                  "--iwae-k", "2", "--prior", "gaussian"], capsys)
+    assert code == 0, err
+    assert "fitting the flow" not in stdout
+    assert vae.load_model(tmp_path / "g" / "model.pt").prior is None
+    assert set(json.loads((tmp_path / "g" / "metrics.json").read_text())["samples"]) == {"gaussian", "posterior"}
 
 
 def test_same_seed_same_model_other_seed_other_model(tmp_path, capsys):

@@ -46,6 +46,19 @@ class DataError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
 
 
+def write_atomic(path, write):
+    """Every file this script makes is written this way: write(tmp) fills a temporary file
+    beside `path`, which is then renamed onto it. A crash or Ctrl-C midway leaves the old
+    file (or none) and no temporary file, never a half-written one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)         # only still there if write() was interrupted
+
+
 # ----------------------------------------------------------------------------- data
 # The stand-in data. Each image is drawn like an object-based facies model: up to three
 # channels whose centrelines are leaning sine curves, x(y) = x_mid - tan(lean) (y - S/2)
@@ -142,22 +155,21 @@ def synthetic_chunks(n, size=NATIVE, seed=0, chunk=500):
 
 def write_h5(path, parts, **attrs):
     """Write images, given as an iterable of (B, S, S, 1) uint8 arrays, in the real layout,
-    gzip-compressed, atomically (temporary file, then rename). The dataset grows part by
-    part, so the images never need to be in memory all at once."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        d = None
-        for part in parts:
-            if d is None:                   # the first part sets the image shape
-                d = f.create_dataset(KEY, shape=(0,) + part.shape[1:], maxshape=(None,) + part.shape[1:],
-                                     dtype=np.uint8, compression="gzip", compression_opts=4,
-                                     chunks=(64,) + part.shape[1:])
-            d.resize(len(d) + len(part), axis=0)
-            d[-len(part):] = part
-        f.attrs.update(attrs)
-    os.replace(tmp, path)
+    gzip-compressed, atomically. The dataset grows part by part, so the images never need
+    to be in memory all at once."""
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            d = None
+            for part in parts:
+                if d is None:                   # the first part sets the image shape
+                    d = f.create_dataset(KEY, shape=(0,) + part.shape[1:], maxshape=(None,) + part.shape[1:],
+                                         dtype=np.uint8, compression="gzip", compression_opts=4,
+                                         chunks=(64,) + part.shape[1:])
+                d.resize(len(d) + len(part), axis=0)
+                d[-len(part):] = part
+            f.attrs.update(attrs)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, write)
 
 
 def downsample_majority(x):
@@ -287,6 +299,7 @@ class DenseVAE(nn.Module):
         self.expand = nn.Sequential(nn.Linear(latent_dim, feat), nn.ReLU())   # (B, 2048)
         self.decoder = decoder_trunk(widths)                # (B, 1, 64, 64)
         self.size, self.widths = size, widths
+        self.prior = None                                   # N(0, I); a FlowPrior once learned
 
     def encode(self, x):
         h = self.encoder(x).flatten(1)                      # (B, 2048)
@@ -317,6 +330,7 @@ class FullyConvVAE(nn.Module):
                                     nn.BatchNorm2d(widths[-1]), nn.ReLU())  # (B, 128, 4, 4)
         self.decoder = decoder_trunk(widths)                # (B, 1, 64, 64)
         self.size, self.widths = size, widths
+        self.prior = None                                   # N(0, I); a FlowPrior once learned
 
     def encode(self, x):
         h = self.encoder(x)                                 # (B, 128, 4, 4)
@@ -329,14 +343,166 @@ class FullyConvVAE(nn.Module):
 ARCHS = {"dense": DenseVAE, "fullyconv": FullyConvVAE}
 
 
-def build_model(arch, size=64, **kwargs):
-    """A VAE with encode(x) -> (mu, logvar), decode(z) -> logits and latent_shape."""
+def build_model(arch, size=64, prior="gaussian", **kwargs):
+    """A VAE with encode(x) -> (mu, logvar), decode(z) -> logits, latent_shape and prior
+    (None for N(0, I), or a FlowPrior)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {list(ARCHS)}, not {arch!r}")
     widths = kwargs.get("widths", WIDTHS)
     if size % 2 ** len(widths):
         raise ValueError(f"size {size} must be divisible by 2^{len(widths)} (one halving per width)")
-    return ARCHS[arch](size=size, **kwargs)
+    model = ARCHS[arch](size=size, **kwargs)
+    if prior == "flow":
+        attach_flow_prior(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- learned prior
+# Why: the KL term pulls each image's posterior q(z|x) towards N(0, I), but the codes of all
+# images together (the aggregate posterior q(z)) fill only part of that ball, a thin curved
+# region. Random z ~ N(0, I) also land in the holes around it, which the decoder never saw,
+# and decode to broken channels. A normalizing flow learns a prior that matches q(z) and
+# keeps a Gaussian underneath:
+#   u ~ N(0, I),   z = f(u),   f invertible.
+# Change of variables, with u = f^-1(z):
+#   log p(z) = log N(u; 0, I) + log |det du/dz|
+# f^-1 is a chain of steps, each exactly invertible with a log-determinant that is a plain
+# sum, so log p(z) is exact (RealNVP, Dinh et al. 2017; Glow, Kingma & Dhariwal 2018).
+# ES-MDA and interpolation can work on the Gaussian u; the flow turns every u into a z
+# where the decoder has seen codes.
+#
+# One step of f^-1 (z -> u) on a latent (B, C, *grid), grid = () for dense, (h, w) for fullyconv:
+#   1. actnorm: a learned scale and shift per channel;
+#   2. mix: a learned invertible C x C matrix on every grid cell (Glow's 1x1 convolution),
+#      so that each step couples a different split of the channels;
+#   3. affine coupling: the first half of the channels, a, passes through; the second half
+#      becomes b * exp(s(a)) + t(a). s and t only see a, so b is recovered exactly as
+#      (b' - t(a)) * exp(-s(a)), and the log-determinant is sum s(a).
+# The coupling net is an MLP for the dense latent (C = D, no grid) and three 3x3
+# convolutions for the spatial latent, so the fullyconv flow has no nn.Linear and runs on
+# any grid size. The last layer starts at zero and the mix orthogonal, so an untrained
+# flow maps N(0, I) to exactly N(0, I).
+
+FLOW_STEPS = 8
+FLOW_HIDDEN = {"dense": 256, "fullyconv": 64}    # width of each coupling net
+
+
+class FlowStep(nn.Module):
+    """One invertible step: (B, C, *grid) <-> (B, C, *grid)."""
+
+    def __init__(self, channels, hidden, spatial):
+        super().__init__()
+        self.half = channels // 2
+        c_in, c_out = self.half, 2 * (channels - self.half)         # s and t for the b half
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+        self.mix = nn.Parameter(torch.linalg.qr(torch.randn(channels, channels))[0])
+        if spatial:
+            self.net = nn.Sequential(nn.Conv2d(c_in, hidden, 3, 1, 1), nn.ReLU(),
+                                     nn.Conv2d(hidden, hidden, 3, 1, 1), nn.ReLU(),
+                                     nn.Conv2d(hidden, c_out, 3, 1, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, c_out))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def per_channel(self, v, like):
+        return v.view(1, -1, *[1] * (like.dim() - 2))               # (C,) -> (1, C, 1, 1)
+
+    def coupling(self, a):
+        s, t = self.net(a).chunk(2, dim=1)
+        return 2 * torch.tanh(s / 2), t      # |s| < 2: no step stretches by more than e^2
+
+    def to_u(self, z):
+        """z -> (u, log|det du/dz|): (B, C, *grid) -> (B, C, *grid), (B,)"""
+        cells = z[0, 0].numel()                                      # 1, or h * w
+        h = (z + self.per_channel(self.shift, z)) * self.per_channel(self.log_scale.exp(), z)
+        h = torch.einsum("ij,bj...->bi...", self.mix, h)
+        a, b = h[:, :self.half], h[:, self.half:]
+        s, t = self.coupling(a)
+        logdet = cells * (self.log_scale.sum() + torch.linalg.slogdet(self.mix)[1])
+        return torch.cat([a, b * s.exp() + t], 1), logdet + s.flatten(1).sum(1)
+
+    def to_z(self, u):
+        """The exact inverse of to_u."""
+        a, b = u[:, :self.half], u[:, self.half:]
+        s, t = self.coupling(a)
+        h = torch.cat([a, (b - t) * (-s).exp()], 1)
+        h = torch.einsum("ij,bj...->bi...", torch.linalg.inv(self.mix), h)
+        return h * self.per_channel((-self.log_scale).exp(), h) - self.per_channel(self.shift, h)
+
+
+class FlowPrior(nn.Module):
+    """p(z) by a flow: forward(u) = f(u) = z for sampling, log_prob(z) for training."""
+
+    def __init__(self, latent_shape, hidden, steps=FLOW_STEPS):
+        super().__init__()
+        if latent_shape[0] < 2:
+            raise ValueError("a flow prior needs at least 2 latent channels to couple")
+        self.steps = nn.ModuleList(FlowStep(latent_shape[0], hidden, len(latent_shape) > 1)
+                                   for _ in range(steps))
+
+    def inverse(self, z):
+        """z (B, C, *grid) -> u of the same shape and log|det du/dz| (B,)"""
+        logdet = torch.zeros(len(z), device=z.device)
+        for step in self.steps:
+            z, ld = step.to_u(z)
+            logdet = logdet + ld
+        return z, logdet
+
+    def forward(self, u):
+        for step in reversed(self.steps):
+            u = step.to_z(u)
+        return u
+
+    def log_prob(self, z):
+        """log p(z) (B,) by the change of variables above."""
+        u, logdet = self.inverse(z)
+        return standard_normal_logpdf(u) + logdet
+
+
+def standard_normal_logpdf(z):
+    """log N(z; 0, I) summed over all latent elements: (B, ...) -> (B,)"""
+    return (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
+
+def attach_flow_prior(model, seed=0):
+    """Give model a FlowPrior. Its random init uses its own seed and leaves the global RNG
+    untouched, so adding a flow does not change how the VAE itself trains."""
+    arch = "dense" if isinstance(model, DenseVAE) else "fullyconv"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.prior = FlowPrior(model.latent_shape, FLOW_HIDDEN[arch])
+    return model.prior
+
+
+def sample_latents(model, n, generator=None, grid=None):
+    """n latents from the model's prior -> (n, *model.latent_shape) on the model's device:
+    z = f(u) with u ~ N(0, I) for a flow prior, z = u for N(0, I). grid (fullyconv only)
+    draws a latent grid of another size, e.g. (8, 8) for a field twice as wide."""
+    shape = model.latent_shape if grid is None else (model.latent_shape[0], *grid)
+    device = next(model.parameters()).device
+    u = torch.randn(n, *shape, generator=generator).to(device)
+    return u if model.prior is None else prior_map(model, u)
+
+
+@torch.no_grad()
+def to_gaussian(model, z):
+    """u = f^-1(z): the Gaussian variable behind latents z (z itself for N(0, I))."""
+    if model.prior is None:
+        return z
+    return model.prior.inverse(z.to(next(model.parameters()).device))[0].cpu()
+
+
+@torch.no_grad()
+def prior_map(model, u, batch_size=1000):
+    """z = f(u) in batches (the identity for N(0, I))."""
+    if model.prior is None:
+        return u
+    device = next(model.parameters()).device
+    return torch.cat([model.prior(u[i:i + batch_size].to(device)) for i in range(0, len(u), batch_size)])
 
 
 # ----------------------------------------------------------------------------- loss
@@ -388,12 +554,26 @@ def mmd(z, scales=(0.1, 0.2, 0.5, 1, 2, 5, 10)):
     return total
 
 
+def log_prior(model, z):
+    """log p(z) under the model's prior, summed over latent elements: (B, ...) -> (B,)"""
+    return standard_normal_logpdf(z) if model.prior is None else model.prior.log_prob(z)
+
+
 def neg_elbo(model, x, beta=1.0, mmd_weight=0.0):
-    """Returns (loss, rec, kl), each averaged over the batch, in nats per image."""
+    """Returns (loss, rec, kl), each averaged over the batch, in nats per image.
+
+    With N(0, I) the KL is the closed form above. With a flow prior it has none, so it is
+    estimated from the same sample z that the decoder sees (a Monte Carlo KL):
+      KL ~ log q(z|x) - log p(z),   log q(z|x) = log N(eps; 0, I) - 1/2 sum log sigma^2"""
     mu, logvar = model.encode(x)
-    z = reparameterize(mu, logvar)
+    eps = torch.randn_like(mu)
+    z = mu + eps * torch.exp(0.5 * logvar)          # reparameterize, keeping eps for log q
     logits = model.decode(z)
-    rec, kl = bernoulli_nll(logits, x).mean(), gaussian_kl(mu, logvar).mean()
+    if model.prior is None:
+        kl = gaussian_kl(mu, logvar)
+    else:
+        kl = standard_normal_logpdf(eps) - 0.5 * logvar.flatten(1).sum(1) - model.prior.log_prob(z)
+    rec, kl = bernoulli_nll(logits, x).mean(), kl.mean()
     loss = rec + beta * kl
     if mmd_weight > 0:
         loss = loss + mmd_weight * mmd(z)
@@ -460,11 +640,19 @@ def beta_at(step, warmup_steps, beta):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a broken file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, atomically (write_atomic)."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text(path, text):
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_figure(fig, path):
+    """Save a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    plt.close(fig)
 
 
 @torch.no_grad()
@@ -485,13 +673,15 @@ class TrainingDiverged(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C: a checkpoint was saved and training can be resumed."""
+    """Ctrl-C, caught where something can be saved; the message says what was kept.
+    main() prints it as one line and exits with status 130, as a shell does for Ctrl-C."""
 
 
 def model_config(model):
     """What build_model needs to rebuild `model`: plain values, safe to save and load."""
     cfg = {"arch": "dense" if isinstance(model, DenseVAE) else "fullyconv",
-           "size": model.size, "widths": list(model.widths)}
+           "size": model.size, "widths": list(model.widths),
+           "prior": "gaussian" if model.prior is None else "flow"}
     if isinstance(model, DenseVAE):
         cfg["latent_dim"] = model.latent_shape[0]
     else:
@@ -543,6 +733,8 @@ def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print
         stop.append(True)
         log("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)")
     old_handler = signal.signal(signal.SIGINT, on_sigint)
+    log(f"training {args.epochs - epoch} epochs of {steps_per_epoch} steps "
+        f"(Ctrl-C saves a checkpoint; --resume continues)")
     model.train()
     t_start = t_log = time.perf_counter()
     seen_log = 0
@@ -584,7 +776,7 @@ def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print
                 if stop:
                     first_step = s + 1
                     checkpoint(epoch, first_step)
-                    raise Interrupted(epoch, first_step)
+                    raise Interrupted(f"saved {ckpt_path} at epoch {epoch + 1}, step {first_step}")
             val_loss, val_rec, val_kl = validate(model, val_x, device, args.beta)
             n = steps_per_epoch - 0
             for key, value in (("epoch", epoch + 1), ("train_rec", sums[0] / n), ("train_kl", sums[1] / n),
@@ -599,6 +791,61 @@ def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print
     finally:
         signal.signal(signal.SIGINT, old_handler)
     return history
+
+
+def fit_prior(prior, codes, held_out_codes, device, epochs, batch_size=500, lr=1e-3, seed=0, log=print):
+    """Stage 2: fit a FlowPrior to the codes of the training images, the VAE frozen.
+    codes, held_out_codes: (mu, logvar) pairs of (N, *latent_shape) tensors (encode_all).
+
+    The target is the aggregate posterior q(z) = mean over images of q(z|x), so every epoch
+    draws a fresh z ~ q(z|x) per image instead of using the means mu(x): the flow learns a
+    smooth density around the codes, not 47,500 points. Loss: -log p(z), nats per code.
+    The flow kept is the one with the best -log p(z) on held-out codes; note that held-out
+    images have shifted near-copies in the training set, so this guards against fitting
+    the posterior noise, not against memorising layouts (see the memorisation metrics)."""
+    (mu, logvar), (vmu, vlogvar) = codes, held_out_codes
+    g = torch.Generator().manual_seed(seed)
+    z_val = (vmu + torch.randn(vmu.shape, generator=g) * (0.5 * vlogvar).exp()).to(device)
+    batch_size = min(batch_size, len(mu))
+    steps_per_epoch = len(mu) // batch_size
+    opt = torch.optim.Adam(prior.parameters(), lr=lr)
+
+    @torch.no_grad()
+    def held_out_nll():
+        return -torch.cat([prior.log_prob(z_val[i:i + 1000]) for i in range(0, len(z_val), 1000)]).mean().item()
+
+    gauss = -standard_normal_logpdf(z_val).mean().item()
+    history, best, best_state = [], held_out_nll(), copy_state(prior)
+    log(f"fitting the flow prior to {len(mu):,} codes, {epochs} epochs: held-out -log p(z) "
+        f"{best:.1f} nats under N(0, I)")
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.randperm(len(mu), generator=g)
+        z = mu + torch.randn(mu.shape, generator=g) * (0.5 * logvar).exp()     # z ~ q(z|x)
+        total = 0.0
+        for s in range(steps_per_epoch):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + s, epochs * steps_per_epoch, lr)
+            loss = -prior.log_prob(z[order[s * batch_size:(s + 1) * batch_size]].to(device)).mean()
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"the flow's loss became {loss.item()} at prior epoch {epoch + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        val = held_out_nll()
+        history.append({"epoch": epoch + 1, "train_nll": total / steps_per_epoch, "val_nll": val,
+                        "seconds": time.perf_counter() - t0})
+        if val < best:
+            best, best_state = val, copy_state(prior)
+        log(f"prior epoch {epoch + 1}/{epochs}: -log p(z) train {total / steps_per_epoch:.1f}, held-out "
+            f"{val:.1f} nats/code (N(0, I): {gauss:.1f})  {time.perf_counter() - t0:.0f} s")
+    prior.load_state_dict(best_state)
+    return history
+
+
+def copy_state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def plain(d):
@@ -829,9 +1076,8 @@ def iwae_bound(model, x, k=100):
         eps = torch.randn_like(mu)
         z = mu + std * eps
         log_px = -bernoulli_nll(model.decode(z), x)
-        log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
-        log_qz = (-0.5 * eps.pow(2) - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
-        log_w.append(log_px + log_pz - log_qz)
+        log_qz = standard_normal_logpdf(eps) - 0.5 * logvar.flatten(1).sum(1)
+        log_w.append(log_px + log_prior(model, z) - log_qz)
     return torch.logsumexp(torch.stack(log_w), 0) - math.log(k)
 
 
@@ -902,6 +1148,45 @@ def real_reference(size):
 
 
 @torch.no_grad()
+def sample_scores(model, z, held, train_x, held_near, device):
+    """Scores of the images decoded from latents z (N, *latent) against held-out images.
+    held_near: each held-out image's Hamming distance to its nearest training image."""
+    probs = decode_probs(model, z, device)
+    samples = (probs >= 0.5).to(torch.uint8)
+    near = nearest_distance(samples, train_x)
+    return {"blur": blur(probs), "realism": realism_scores(samples, held),
+            "proportion": samples.float().mean().item(),
+            "diversity": mean_pairwise_hamming(samples) / mean_pairwise_hamming(held),
+            # > 1: samples sit farther from the training images than held-out images do
+            "memorisation": (near.median() / held_near.median()).item(),
+            # share of samples nearer a training image than the median held-out image is
+            "closer_than_held_out": (near < held_near.median()).float().mean().item()}
+
+
+@torch.no_grad()
+def large_field_scores(model, held, device, n=200, seed=0):
+    """fullyconv only: fields drawn from a latent grid twice as wide and tall (4x the area)
+    through the same prior. Pieces and spanning channels per unit area (one training image
+    = one unit), and the same statistics in each of the field's four quadrants, which
+    should look like training images."""
+    c, h, w = model.latent_shape
+    z = sample_latents(model, n, torch.Generator().manual_seed(seed), grid=(2 * h, 2 * w))
+    fields = (decode_probs(model, z, device, batch_size=100) >= 0.5).to(torch.uint8)  # (n, 1, 2S, 2S)
+    S = held.shape[-1]
+    quadrants = torch.cat([fields[..., i:i + S, j:j + S] for i in (0, S) for j in (0, S)])
+    stats, data = image_statistics(fields), image_statistics(held)
+    quad = image_statistics(quadrants)
+    return {"n_fields": n, "field_size": fields.shape[-1],
+            "pieces_per_unit_area": float(stats["pieces"].mean() / 4),
+            "spanning_per_unit_area": float(stats["spanning"].mean() / 4),
+            "proportion": float(stats["proportion"].mean()),
+            "quadrant_pieces": float(quad["pieces"].mean()), "quadrant_spanning": float(quad["spanning"].mean()),
+            "quadrant_proportion": float(quad["proportion"].mean()),
+            "data_pieces": float(data["pieces"].mean()), "data_spanning": float(data["spanning"].mean()),
+            "data_proportion": float(data["proportion"].mean())}, fields
+
+
+@torch.no_grad()
 def evaluate(model, train_x, val_x, device, n=1000, iwae_k=100, seed=0, log=print):
     """All metrics of the trained model -> dict (written to metrics.json).
 
@@ -912,18 +1197,20 @@ def evaluate(model, train_x, val_x, device, n=1000, iwae_k=100, seed=0, log=prin
     torch.manual_seed(seed)
     held, floor_set = val_x[:n], val_x[n:2 * n]
     t0 = time.perf_counter()
-    out = {"n": n, "iwae_k": iwae_k}
+    out = {"n": n, "iwae_k": iwae_k, "prior": model_config(model)["prior"]}
 
-    # 1. likelihood: -ELBO (beta = 1) and the importance-weighted bound, nats per image
-    rec = kl = iw = 0.0
+    # 1. likelihood under the model's prior: -ELBO (beta = 1; a Monte Carlo KL for a flow)
+    #    and the importance-weighted bound, nats per image; and the KL to N(0, I) for reference
+    rec = kl = kl_gauss = iw = 0.0
     for i in range(0, n, 100):
         x = to_float(held[i:i + 100], device)
         _, r, k = neg_elbo(model, x, 1.0)
         rec, kl = rec + r.item() * len(x), kl + k.item() * len(x)
+        kl_gauss += gaussian_kl(*model.encode(x)).sum().item()
         iw += iwae_bound(model, x, iwae_k).sum().item()
     pixels = held[0].numel()
     out.update(elbo_rec=rec / n, elbo_kl=kl / n, neg_elbo=(rec + kl) / n, neg_iwae=-iw / n,
-               bits_per_pixel=-iw / n / pixels / math.log(2))
+               bits_per_pixel=-iw / n / pixels / math.log(2), elbo_kl_gaussian=kl_gauss / n)
     t_lik = time.perf_counter()
 
     # 2. reconstruction from the posterior mean, thresholded at 0.5
@@ -937,26 +1224,34 @@ def evaluate(model, train_x, val_x, device, n=1000, iwae_k=100, seed=0, log=prin
     # 3. latent health: active units and how far the aggregate posterior is from N(0, I)
     out.update(latent_health(mu, logvar))
 
-    # 4-9. prior samples against held-out images, and the noise floor
-    probs = decode_probs(model, torch.randn(n, *model.latent_shape), device)
-    samples = (probs >= 0.5).to(torch.uint8)
-    out["blur"] = blur(probs)
-    out["realism"] = realism_scores(samples, held)
+    # 4. samples against held-out images, and the noise floor. The same u drives both
+    #    priors: z = f(u) for the learned prior, z = u for N(0, I). "posterior" decodes
+    #    z ~ q(z|x) of the other n held-out images: what a prior that matched the codes
+    #    exactly would give with this decoder, the best any prior can do.
+    held_near = nearest_distance(held, train_x)
+    fmu, flogvar = encode_all(model, floor_set, device)
+    latents = {"gaussian": torch.randn(n, *model.latent_shape, generator=torch.Generator().manual_seed(seed)),
+               "posterior": reparameterize(fmu, flogvar)}
+    if model.prior is not None:
+        latents["flow"] = sample_latents(model, n, torch.Generator().manual_seed(seed)).cpu()
+    out["samples"] = {name: sample_scores(model, z, held, train_x, held_near, device)
+                      for name, z in latents.items()}
     out["floor"] = realism_scores(floor_set, held)
     out["data_pieces_mean"] = out["floor"]["pieces_mean"]
     out["data_spanning_mean"] = out["floor"]["spanning_mean"]
-    out["diversity"] = mean_pairwise_hamming(samples) / mean_pairwise_hamming(held)
-    out["memorisation"] = (nearest_distance(samples, train_x).median() /
-                           nearest_distance(held, train_x).median()).item()
+    out["data_proportion"] = floor_set.float().mean().item()
+    if len(model.latent_shape) > 1:
+        out["large_field"] = large_field_scores(model, held, device, seed=seed)[0]
     t_real = time.perf_counter()
 
-    # 10. interpolation: 8 straight paths of 16 steps between encoded held-out pairs
+    # 5. interpolation: 8 straight paths of 16 steps between encoded held-out pairs, taken
+    #    in the Gaussian u = f^-1(z), where ES-MDA works too
     pairs = min(8, len(mu) // 2)
-    ends = mu[:2 * pairs].view(2, pairs, *model.latent_shape)
+    ends = to_gaussian(model, mu[:2 * pairs]).view(2, pairs, *model.latent_shape)
     t = torch.linspace(0, 1, 16).view(16, 1, *[1] * len(model.latent_shape))
     path = (1 - t) * ends[0].unsqueeze(0) + t * ends[1].unsqueeze(0)       # (16, pairs, *latent)
-    frames = (decode_probs(model, path.flatten(0, 1), device) >= 0.5).view(16, pairs, -1)
-    out["interp_step_mean"], out["interp_step_max"] = step_changes(frames)
+    frames = decode_probs(model, prior_map(model, path.flatten(0, 1)), device) >= 0.5
+    out["interp_step_mean"], out["interp_step_max"] = step_changes(frames.view(16, pairs, -1))
     out["seconds"] = {"likelihood": t_lik - t0, "samples": t_real - t_lik,
                       "total": time.perf_counter() - t0}
     log(f"evaluated in {out['seconds']['total']:.0f} s (likelihood {t_lik - t0:.0f} s, "
@@ -964,17 +1259,127 @@ def evaluate(model, train_x, val_x, device, n=1000, iwae_k=100, seed=0, log=prin
     return out
 
 
+# ----------------------------------------------------------------------------- conditioning on wells
+# What the regularized latent space is for. A reservoir model is updated to honour data by
+# ensemble methods such as ES-MDA (Emerick & Reynolds 2013), which assume Gaussian
+# parameters. Facies images are not Gaussian, but the latent u behind them is: ES-MDA moves
+# an ensemble of u until the decoded facies match observations, and every member stays
+# something the decoder draws, i.e. a channel model. Here the data are the facies at K
+# wells (pixels) of a held-out "true" image.
+#
+# Ensemble of N members, parameters m_j = u_j flattened (P,), forward model g(m) = the
+# decoder's channel probability at the wells (K,), observations d_obs (K,), error C_D =
+# sd^2 I. For each of N_a assimilations with inflation alpha_a (sum of 1/alpha_a = 1):
+#   d_j  = d_obs + sqrt(alpha_a) e_j,  e_j ~ N(0, C_D)              (perturbed observations)
+#   m_j <- m_j + C_MD (C_DD + alpha_a C_D)^-1 (d_j - g(m_j))        (Kalman-type update)
+# C_MD (P, K) and C_DD (K, K) are the ensemble (cross-)covariances of m and g(m). For a
+# linear g and Gaussian m this samples the exact Bayesian posterior (a test checks it).
+
+def inflation_factors(n_assimilations):
+    """Constant alpha_a = N_a, the original choice: the inverses sum to 1, so the N_a
+    damped updates add up to one full Bayesian update."""
+    return [float(n_assimilations)] * n_assimilations
+
+
+def esmda_update(m, pred, d_obs, obs_sd, alpha, generator=None):
+    """One ES-MDA update. m (N, P), pred = g(m) (N, K), d_obs (K,) -> updated m (N, P)."""
+    n = len(m)
+    dm, dd = m - m.mean(0), pred - pred.mean(0)                      # ensemble anomalies
+    c_md, c_dd = dm.T @ dd / (n - 1), dd.T @ dd / (n - 1)            # (P, K), (K, K)
+    sd = torch.as_tensor(obs_sd, dtype=m.dtype, device=m.device).expand(pred.shape[1])   # (K,)
+    noise = torch.randn(pred.shape, generator=generator, dtype=m.dtype).to(m.device)
+    d = d_obs + math.sqrt(alpha) * sd * noise                        # (N, K) perturbed
+    c_d = torch.diag(sd ** 2)                                        # (K, K)
+    # solve instead of inverting: (C_DD + alpha C_D) X = (d - g(m))^T, then m += X^T C_MD^T
+    x = torch.linalg.solve(c_dd + alpha * c_d, (d - pred).T)         # (K, N)
+    return m + x.T @ c_md.T
+
+
+def esmda(forward, m, d_obs, obs_sd, n_assimilations=4, generator=None):
+    """Run ES-MDA from the prior ensemble m (N, P) -> posterior ensemble (N, P)."""
+    for alpha in inflation_factors(n_assimilations):
+        m = esmda_update(m, forward(m), d_obs, obs_sd, alpha, generator)
+    return m
+
+
+@torch.no_grad()
+def condition_on_wells(model, truth, device, n_wells=16, members=200, obs_sd=0.1, seed=0):
+    """ES-MDA on one held-out image: its facies at n_wells random pixels are the data.
+    truth (1, S, S) uint8 -> dict of tensors: wells (K, 2), prior and posterior decoder
+    probabilities (members, 1, S, S)."""
+    g = torch.Generator().manual_seed(seed)
+    S = truth.shape[-1]
+    flat = torch.randperm(S * S, generator=g)[:n_wells]               # (K,) pixel indices
+    d_obs = truth.flatten()[flat].float().to(device)                  # (K,) 0 or 1
+
+    def decode(m):                                                    # (N, P) -> (N, 1, S, S)
+        z = prior_map(model, m.view(len(m), *model.latent_shape))
+        return torch.sigmoid(model.decode(z.to(device)))
+
+    def forward(m):                                                   # g(m): (N, P) -> (N, K)
+        return decode(m).flatten(1)[:, flat.to(device)]
+
+    u = torch.randn(members, *model.latent_shape, generator=g).flatten(1).to(device)   # (N, P)
+    post = esmda(forward, u, d_obs, obs_sd, generator=g)
+    return {"wells": torch.stack([flat // S, flat % S], 1), "obs": d_obs.cpu(),
+            "prior": decode(u).cpu(), "posterior": decode(post).cpu()}
+
+
+def ensemble_report(probs, wells, obs):
+    """How well an ensemble of decoder probabilities (N, 1, S, S) honours the wells, and what
+    its members look like (thresholded at 0.5)."""
+    m = (probs >= 0.5).to(torch.uint8)
+    at_wells = m[:, 0, wells[:, 0], wells[:, 1]].float()              # (N, K)
+    _, owner, top, bottom, _ = piece_table(m[:, 0].bool())
+    return {"wells_honoured": (at_wells == obs).float().mean().item(),
+            "proportion": m.float().mean().item(), "blur": blur(probs),
+            "pieces_mean": torch.bincount(owner, minlength=len(m)).float().mean().item(),
+            "spanning_mean": torch.bincount(owner[top & bottom], minlength=len(m)).float().mean().item(),
+            "mean_pairwise_hamming": mean_pairwise_hamming(m)}
+
+
+def conditioning_study(model, val_x, device, truths=5, n_wells=16, members=200, seed=0, log=print):
+    """ES-MDA on `truths` different held-out images and well sets -> (summary dict, the
+    first case for the figure). Reported per case, then mean and worst over cases."""
+    t0 = time.perf_counter()
+    pick = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))[:truths]
+    cases, first = [], None
+    for i, idx in enumerate(pick.tolist()):
+        res = condition_on_wells(model, val_x[idx], device, n_wells, members, seed=seed + i)
+        prior, post = (ensemble_report(res[k], res["wells"], res["obs"]) for k in ("prior", "posterior"))
+        truth = image_statistics(val_x[idx:idx + 1])
+        cases.append({"held_out_index": idx, "channel_wells": int(res["obs"].sum()), "prior": prior,
+                      "posterior": post, "truth_pieces": int(truth["pieces"][0]),
+                      "truth_spanning": int(truth["spanning"][0]),
+                      "spread_ratio": post["mean_pairwise_hamming"] / prior["mean_pairwise_hamming"]})
+        first = first or (val_x[idx], res)
+        log(f"truth {i + 1}/{truths} (held-out image {idx}, {cases[-1]['channel_wells']} of {n_wells} "
+            f"wells in a channel): wells honoured {prior['wells_honoured']:.2f} -> {post['wells_honoured']:.2f}, "
+            f"pieces {prior['pieces_mean']:.2f} -> {post['pieces_mean']:.2f}, spread ratio "
+            f"{cases[-1]['spread_ratio']:.2f}")
+    summary = {"truths": truths, "wells": n_wells, "members": members, "assimilations": 4,
+               "inflation": inflation_factors(4), "prior": model_config(model)["prior"], "cases": cases}
+    for key, worst in (("wells_honoured", min), ("blur", max), ("pieces_mean", max), ("spanning_mean", min)):
+        for ens in ("prior", "posterior"):
+            vals = [c[ens][key] for c in cases]
+            summary[f"{ens}_{key}"] = {"mean": sum(vals) / len(vals), "worst": worst(vals)}
+    ratios = [c["spread_ratio"] for c in cases]
+    summary["spread_ratio"] = {"mean": sum(ratios) / len(ratios), "worst": min(ratios)}
+    summary["seconds"] = time.perf_counter() - t0
+    return summary, first
+
+
 # ----------------------------------------------------------------------------- figures
 # Every figure draws channels yellow on blue (viridis), as in the data's own pictures,
 # and says in its title that the model was trained on the synthetic stand-in if it was.
 
-def show_grid(rows, path, title, row_labels=None):
+def show_grid(rows, path, title, row_labels=None, panel=1.3):
     """rows: list of (N, 1, H, W) tensors in [0, 1], one per figure row -> PNG at path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ncol = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.3 * ncol, 1.3 * len(rows) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(panel * ncol, panel * len(rows) + 0.5), squeeze=False)
     for i, row in enumerate(rows):
         for j in range(ncol):
             ax = axes[i, j]
@@ -987,33 +1392,40 @@ def show_grid(rows, path, title, row_labels=None):
             axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def prior_name(model):
+    return "N(0, I)" if model.prior is None else "the learned flow prior z = f(u), u ~ N(0, I)"
 
 
 @torch.no_grad()
-def make_figures(model, val_x, history, out, device, data_name, seed=0):
-    """samples.png, interpolation.png, reconstructions.png and losses.png in out/."""
+def make_figures(model, val_x, history, out, device, data_name, seed=0, prior_history=None):
+    """samples.png, interpolation.png, reconstructions.png and losses.png in out/, and
+    large_field.png for the fully convolutional model."""
     model.eval()
     arch = model_config(model)["arch"]
     note = f"{arch} VAE trained on {data_name}"
-    torch.manual_seed(seed)
-    probs = decode_probs(model, torch.randn(48, *model.latent_shape), device)
+    g = torch.Generator().manual_seed(seed)
+    probs = decode_probs(model, sample_latents(model, 48, g), device)
     show_grid(list(probs.view(6, 8, *probs.shape[1:])), out / "samples.png",
-              f"{note}: decoder probabilities of 48 prior draws z ~ N(0, I)")
+              f"{note}: decoder probabilities of 48 draws from {prior_name(model)}")
 
-    # interpolation: between two encoded held-out images, and between two prior draws
+    # interpolation in the Gaussian u: between two encoded held-out images, and between
+    # two prior draws; every frame is decoded from z = f(u)
     k = min(4, len(val_x) // 2)                                    # held-out pairs
-    mu = encode_all(model, val_x[:2 * k], device)[0]
-    ends = torch.cat([mu.view(2, k, *model.latent_shape), torch.randn(2, 2, *model.latent_shape)], 1)
+    u_held = to_gaussian(model, encode_all(model, val_x[:2 * k], device)[0])
+    ends = torch.cat([u_held.view(2, k, *model.latent_shape),
+                      torch.randn(2, 2, *model.latent_shape, generator=g)], 1)
     t = torch.linspace(0, 1, 10).view(10, 1, *[1] * len(model.latent_shape))
     path = (1 - t) * ends[0] + t * ends[1]                          # (10, k + 2, *latent)
-    frames = decode_probs(model, path.flatten(0, 1), device).view(10, k + 2, *probs.shape[1:])
+    frames = decode_probs(model, prior_map(model, path.flatten(0, 1)), device)
+    frames = frames.view(10, k + 2, *probs.shape[1:])
     rows = [frames[:, r] for r in range(k + 2)]
     for r in range(k):                                             # the real ends, for reference
         rows[r] = torch.cat([val_x[r:r + 1].float(), rows[r], val_x[k + r:k + r + 1].float()])
     show_grid(rows, out / "interpolation.png",
-              f"{note}: straight latent paths (held-out image -> held-out image, ends shown; "
+              f"{note}: straight paths in u (held-out image -> held-out image, ends shown; "
               f"then prior draw -> prior draw)", row_labels=["held-out"] * k + ["prior"] * 2)
 
     rows, labels = [], []
@@ -1024,8 +1436,17 @@ def make_figures(model, val_x, history, out, device, data_name, seed=0):
     show_grid(rows, out / "reconstructions.png",
               f"{note}: inputs and reconstructions from the posterior mean", row_labels=labels)
 
+    if len(model.latent_shape) > 1:        # only a fully convolutional decoder can do this
+        c, h, w = model.latent_shape
+        z = sample_latents(model, 6, g, grid=(2 * h, 2 * w))
+        fields = decode_probs(model, z, device)
+        show_grid([fields[:3], fields[3:]], out / "large_field.png",
+                  f"{note}: six {fields.shape[-1]}x{fields.shape[-1]} fields (4x the training area) "
+                  f"from ({c}, {2 * h}, {2 * w}) latent grids through {prior_name(model)}", panel=3.2)
+
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    panels = 3 if prior_history else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.2))
     for ax, term in zip(axes, ("rec", "kl")):
         ax.plot(history["epoch"], history[f"train_{term}"], "o-", label="train")
         ax.plot(history["epoch"], history[f"val_{term}"], "s-", label="validation")
@@ -1033,62 +1454,121 @@ def make_figures(model, val_x, history, out, device, data_name, seed=0):
         if term == "rec":
             ax.set_yscale("log")          # the first epoch's loss would flatten the rest
         ax.set_title({"rec": "reconstruction  -log p(x|z)", "kl": "KL(q(z|x) || p(z))"}[term])
+    if prior_history:
+        ax = axes[2]
+        ax.plot([r["epoch"] for r in prior_history], [r["train_nll"] for r in prior_history], "o-", label="train")
+        ax.plot([r["epoch"] for r in prior_history], [r["val_nll"] for r in prior_history], "s-", label="held-out")
+        ax.set_xlabel("prior epoch (after the VAE)"), ax.set_ylabel("nats per code"), ax.legend()
+        ax.set_title("flow prior  -log p(z), z ~ q(z|x)")
     fig.suptitle(f"{note}: loss terms per epoch", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "losses.png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, out / "losses.png")
 
 
-# The targets this project set itself (dense, fullyconv); realism scores are in multiples
-# of the noise floor. "<=" means lower is better.
-TARGETS = {"realism": ("<= 3x floor", "<= 5x floor"), "blur": ("<= 0.03", "<= 0.05"),
-           "recon_accuracy": (">= 0.98", ">= 0.97"), "real_recon_accuracy": (">= 0.95", ">= 0.93"),
-           "agg_posterior_cov_err": ("<= 0.2", "<= 0.3")}
+def conditioning_figure(truth, res, path, title):
+    """The truth with its wells, then for the prior and the posterior ensemble: the mean and
+    sd of the members' facies (thresholded at 0.5) and four members. Wells: circles, filled
+    yellow where the truth has channel, blue where it has background."""
+    import matplotlib.pyplot as plt
+    wells, obs = res["wells"], res["obs"]
+    fig, axes = plt.subplots(2, 7, figsize=(7 * 1.6, 2 * 1.6 + 0.7))
+    for r, name in enumerate(("prior", "posterior")):
+        members = (res[name] >= 0.5).float()                                # (N, 1, S, S)
+        panels = [(truth.float(), "truth and wells"), (members.mean(0), f"{name} mean"),
+                  (members.std(0) * 2, f"{name} sd (x2)")] + [(members[i], f"{name} member {i + 1}") for i in range(4)]
+        for c, (img, label) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(img[0].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+            ax.scatter(wells[:, 1], wells[:, 0], c=["yellow" if o else "navy" for o in obs.tolist()],
+                       edgecolors="red", s=16, linewidths=0.8)
+            ax.set_title(label, fontsize=7)
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# The targets this project set itself for the learned prior (dense, fullyconv); realism
+# scores are in multiples of the noise floor. The reconstruction targets are the values the
+# same VAEs reached before the prior existed: the prior must not cost reconstruction.
+TARGETS = {"realism": ("<= 10x floor", "<= 15x floor"),
+           "pieces_mean": ("data +- 15%", "data +- 25%"), "spanning_mean": ("data +- 15%", "data +- 25%"),
+           "blur": ("<= 0.025", "<= 0.025"), "diversity": (">= 0.9", ">= 0.9"),
+           "memorisation": (">= 1.0", ">= 1.0"), "prior_minutes": ("<= 4", "<= 4"),
+           "recon_accuracy": (">= 0.9787", ">= 0.9918"), "real_recon_accuracy": (">= 0.9637", ">= 0.9839")}
+PRIORS = {"flow": "flow prior", "gaussian": "N(0, I)", "posterior": "posterior (best case)"}
 
 
 def write_comparison(results_dir, held, device):
-    """results/comparison.md: each arch's metrics.json beside the noise floor and the
-    targets, and results/samples_side_by_side.png: real, synthetic and prior samples."""
+    """results/comparison.md: every arch and prior beside the noise floor and the targets,
+    and results/samples_side_by_side.png: real, synthetic and prior samples."""
     metrics = {a: json.loads((results_dir / a / "metrics.json").read_text())
                for a in ARCHS if (results_dir / a / "metrics.json").is_file()}
+    metrics = {a: m for a, m in metrics.items() if "samples" in m}     # this version's files only
     if not metrics:
         return
-    names, first = list(metrics), next(iter(metrics.values()))
+    first = next(iter(metrics.values()))
+    cols = [(a, p) for a in metrics for p in PRIORS if p in metrics[a]["samples"]]
     def row(cells):
         return "| " + " | ".join(cells) + " |"
-    lines = [row(["metric"] + names + ["noise floor / data"] + [f"target {a}" for a in names]),
-             row(["---"] * (2 + 2 * len(names)))]
-    for key, floor in first["floor"].items():            # realism: value (multiple of floor)
-        if key.endswith("_mean"):
-            continue
-        cells = [f"{metrics[a]['realism'][key]:.4f} ({metrics[a]['realism'][key] / max(floor, 1e-12):.0f}x)"
-                 for a in names]
-        lines.append(row([key] + cells + [f"{floor:.4f}"] + [TARGETS["realism"][list(ARCHS).index(a)] for a in names]))
-    extra = {"pieces_mean": f"{first['data_pieces_mean']:.2f}", "spanning_mean": f"{first['data_spanning_mean']:.2f}"}
-    for key, fmt in (("pieces_mean", ".2f"), ("spanning_mean", ".2f"), ("blur", ".4f"),
-                     ("recon_accuracy", ".4f"), ("real_recon_accuracy", ".4f"), ("neg_elbo", ".1f"),
-                     ("elbo_rec", ".1f"), ("elbo_kl", ".1f"), ("neg_iwae", ".1f"), ("bits_per_pixel", ".4f"),
-                     ("active_units", "d"), ("latent_dim", "d"), ("agg_posterior_cov_err", ".3f"),
-                     ("agg_posterior_mean_err", ".3f"), ("diversity", ".3f"), ("memorisation", ".3f"),
-                     ("interp_step_mean", ".4f"), ("interp_step_max", ".4f"), ("train_minutes", ".1f")):
-        vals = [metrics[a]["realism"].get(key, metrics[a].get(key)) for a in names]
-        goals = [TARGETS[key][list(ARCHS).index(a)] if key in TARGETS else "" for a in names]
-        lines.append(row([key] + ["-" if v is None else f"{v:{fmt}}" for v in vals] + [extra.get(key, "")] + goals))
-    data = sorted({metrics[a].get("data", "?") for a in names})
-    (results_dir / "comparison.md").write_text(
-        f"{first['n']} prior samples of each model against {first['n']} held-out images; the noise floor "
-        f"scores another {first['n']} held-out images the same way. Data: {', '.join(data)}.\n\n"
-        + "\n".join(lines) + "\n")
+    def target(key, a):
+        return TARGETS[key][list(ARCHS).index(a)] if key in TARGETS else ""
+    lines = [row(["metric"] + [f"{a}: {PRIORS[p]}" for a, p in cols] + ["noise floor / data"]
+                 + [f"target {a}" for a in metrics]), row(["---"] * (2 + len(cols) + len(metrics)))]
+    for key, floor in first["floor"].items():          # realism: value (multiple of the floor)
+        if not key.endswith("_mean"):
+            cells = [f"{metrics[a]['samples'][p]['realism'][key]:.4f} "
+                     f"({metrics[a]['samples'][p]['realism'][key] / max(floor, 1e-12):.0f}x)" for a, p in cols]
+            lines.append(row([key] + cells + [f"{floor:.4f}"] + [target("realism", a) for a in metrics]))
+    data = {"pieces_mean": first["data_pieces_mean"], "spanning_mean": first["data_spanning_mean"],
+            "proportion": first["data_proportion"]}
+    for key, fmt in (("pieces_mean", ".2f"), ("spanning_mean", ".2f"), ("proportion", ".3f"), ("blur", ".4f"),
+                     ("diversity", ".3f"), ("memorisation", ".3f"), ("closer_than_held_out", ".2f")):
+        vals = [metrics[a]["samples"][p]["realism"].get(key, metrics[a]["samples"][p].get(key)) for a, p in cols]
+        lines.append(row([key] + [f"{v:{fmt}}" for v in vals] + [f"{data[key]:{fmt}}" if key in data else ""]
+                         + [target(key, a) for a in metrics]))
+    # properties of the model, not of one prior's samples: in the model's own prior column
+    for key, fmt in (("neg_elbo", ".1f"), ("elbo_rec", ".1f"), ("elbo_kl", ".1f"), ("elbo_kl_gaussian", ".1f"),
+                     ("neg_iwae", ".1f"), ("bits_per_pixel", ".4f"), ("recon_accuracy", ".4f"),
+                     ("real_recon_accuracy", ".4f"), ("active_units", "d"), ("latent_dim", "d"),
+                     ("agg_posterior_cov_err", ".3f"), ("agg_posterior_mean_err", ".3f"),
+                     ("interp_step_mean", ".4f"), ("interp_step_max", ".4f"), ("train_minutes", ".1f"),
+                     ("prior_minutes", ".1f")):
+        cells = [f"{metrics[a][key]:{fmt}}" if p == metrics[a]["prior"] and metrics[a].get(key) is not None
+                 else "" for a, p in cols]
+        lines.append(row([key] + cells + [""] + [target(key, a) for a in metrics]))
+    text = (f"{first['n']} samples of each model and prior against {first['n']} held-out images; the noise "
+            f"floor scores another {first['n']} held-out images the same way. \"posterior\" decodes z ~ q(z|x) "
+            f"of those other held-out images: the best any prior can do with that decoder. Data: "
+            f"{', '.join(sorted({m['data'] for m in metrics.values()}))}.\n\n" + "\n".join(lines) + "\n")
+    for a, m in metrics.items():
+        if "large_field" in m:
+            f = m["large_field"]
+            text += (f"\n{a}, {f['n_fields']} fields of {f['field_size']}x{f['field_size']} (4x the training "
+                     f"area) from latent grids twice as wide, through its {m['prior']} prior:\n\n"
+                     "| statistic | large field | data (one training image = one unit of area) |\n|---|---|---|\n"
+                     f"| pieces per unit area | {f['pieces_per_unit_area']:.2f} | {f['data_pieces']:.2f} |\n"
+                     f"| top-to-bottom channels per unit area | {f['spanning_per_unit_area']:.2f} | "
+                     f"{f['data_spanning']:.2f} (a field twice as tall and wide that continued the data "
+                     f"would hold about half that per unit: {f['data_spanning'] / 2:.2f}) |\n"
+                     f"| proportion | {f['proportion']:.3f} | {f['data_proportion']:.3f} |\n"
+                     f"| pieces per quadrant | {f['quadrant_pieces']:.2f} | {f['data_pieces']:.2f} |\n"
+                     f"| top-to-bottom channels per quadrant | {f['quadrant_spanning']:.2f} | {f['data_spanning']:.2f} |\n")
+    write_text(results_dir / "comparison.md", text)
+
     rows, labels = [real_reference(held.shape[-1])[:10].float(), held[:10].float()], ["real", "synthetic"]
-    for a in names:
+    for a in metrics:
         if (results_dir / a / "model.pt").is_file():
             model = load_model(results_dir / a / "model.pt", device)
-            torch.manual_seed(1)
-            rows.append(decode_probs(model, torch.randn(10, *model.latent_shape), device))
-            labels.append(a)
+            if model.prior is not None:
+                rows.append(decode_probs(model, sample_latents(model, 10, torch.Generator().manual_seed(1)), device))
+                labels.append(f"{a}, flow")
+            u = torch.randn(10, *model.latent_shape, generator=torch.Generator().manual_seed(1))
+            rows.append(decode_probs(model, u, device))
+            labels.append(f"{a}, N(0, I)")
     show_grid(rows, results_dir / "samples_side_by_side.png",
               "real images (re-digitized), synthetic stand-in, and prior samples of each VAE "
-              "(decoder probabilities)", labels)
+              "(decoder probabilities): learned flow prior, and N(0, I) into the same decoder", labels)
 
 
 def compare_data(out, n=5000, seed=1):
@@ -1106,7 +1586,7 @@ def compare_data(out, n=5000, seed=1):
         lines.append(f"| {key} | {r.min():.3g} - {r.max():.3g} | {r.mean():.3g} ({r.std():.2g}) "
                      f"| {s.mean():.3g} ({s.std():.2g}) | {inside} |")
     table = "\n".join(lines)
-    (out / "data_comparison.md").write_text(
+    write_text(out / "data_comparison.md",
         f"Made by `python vae.py --compare-data` ({n} synthetic images, seed {seed}, generated in "
         f"{t_gen:.1f} s).\n\n{table}\n")
     show_grid([real.float(), synth[:len(real)].float()], out / "data_real_vs_synthetic.png",
@@ -1233,6 +1713,13 @@ def parse_args(argv=None):
                    help="rot180: turn a random half of each batch by 180 degrees (README: "
                         "better likelihood for dense, no better samples)")
     p.add_argument("--warmup", type=non_negative_float, default=1.0, help="epochs of linear KL warm-up")
+    p.add_argument("--prior", choices=["flow", "gaussian"], default="flow",
+                   help="flow: a normalizing flow learned on the codes, z = f(u), u ~ N(0, I); "
+                        "gaussian: z ~ N(0, I) itself")
+    p.add_argument("--joint", action="store_true",
+                   help="train the flow prior with the VAE (Monte Carlo KL) instead of after it")
+    p.add_argument("--prior-epochs", type=positive_int, help="epochs of fitting the flow after "
+                   "the VAE (default: 40 for dense, 12 for fullyconv)")
     p.add_argument("--latent-dim", type=positive_int, default=32, help="dense: latent vector length")
     p.add_argument("--latent-channels", type=positive_int, default=8,
                    help="fullyconv: latent channels; the grid is size/16 x size/16")
@@ -1248,6 +1735,9 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true", help="time training and sampling, then exit")
     p.add_argument("--bench-seconds", type=positive_float, default=10.0, help="benchmark: seconds per timing")
     p.add_argument("--compare-data", action="store_true", help="real vs synthetic statistics, then exit")
+    p.add_argument("--condition", action="store_true",
+                   help="ES-MDA: condition <out>/model.pt's samples on wells of held-out images, then exit")
+    p.add_argument("--wells", type=positive_int, default=16, help="--condition: observed pixels per truth")
     p.add_argument("--eval-n", type=positive_int, default=1000, help="prior samples scored")
     p.add_argument("--iwae-k", type=positive_int, default=100, help="importance samples per image")
     args = p.parse_args(argv)
@@ -1255,6 +1745,10 @@ def parse_args(argv=None):
         p.error("--arch is required (dense or fullyconv)")
     if args.mmd is None:          # measured: helps the dense latent, hurts the spatial one (README)
         args.mmd = 1000.0 if args.arch == "dense" else 0.0
+    if args.prior_epochs is None:
+        args.prior_epochs = 40 if args.arch == "dense" else 12
+    if args.joint and args.prior != "flow":
+        p.error("argument --joint: needs --prior flow")
     if not 0 < args.val_fraction < 1:
         p.error(f"argument --val-fraction: must be between 0 and 1, not {args.val_fraction}")
     try:
@@ -1291,6 +1785,8 @@ def run(args):
         return
     kwargs = {"latent_dim": args.latent_dim} if args.arch == "dense" else {"latent_channels": args.latent_channels}
     model = build_model(args.arch, args.size, widths=args.widths, **kwargs)
+    if args.joint:                      # the flow trains with the VAE from the first step
+        attach_flow_prior(model, args.seed)
     model = model.to(device, memory_format=torch.channels_last)
     if args.benchmark:
         check_writable(out.parent if args.out is None else out)
@@ -1298,7 +1794,7 @@ def run(args):
         path = (Path("results") if args.out is None else out) / "benchmark.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}
         saved[f"{args.arch}_{device.type}"] = result
-        path.write_text(json.dumps(saved, indent=2) + "\n")
+        write_text(path, json.dumps(saved, indent=2) + "\n")
         print(f"wrote {path}")
         return
 
@@ -1309,7 +1805,7 @@ def run(args):
     if args.resume is not None:
         path = ckpt_path if str(args.resume) == "auto" else args.resume
         resume = load_checkpoint(path, args)
-    if args.evaluate:
+    if args.evaluate or args.condition:
         model = load_model(out / "model.pt", device)
         if model_config(model)["arch"] != args.arch:
             raise DataError(f"{out / 'model.pt'}: holds a {model_config(model)['arch']} model, not {args.arch}")
@@ -1322,6 +1818,9 @@ def run(args):
     if len(train_x) < args.batch_size:
         raise DataError(f"{data_path}: {n_images} images leave {len(train_x)} for training, "
                         f"fewer than one batch of {args.batch_size}")
+    if args.condition:
+        condition(model, val_x, out, device, args.wells, data_name)
+        return
     config = {**plain(vars(args)),
               "data_file": str(data_path), "n_images": n_images, "n_train": len(train_x),
               "n_val": len(val_x), "device": device_name(device), "torch": torch.__version__}
@@ -1330,41 +1829,77 @@ def run(args):
 
     if not args.evaluate:
         print("config " + json.dumps({k: config[k] for k in ("arch", "epochs", "batch_size", "lr", "beta",
-                                                               "warmup", "mmd", "latent_dim",
+                                                               "warmup", "mmd", "prior", "joint", "latent_dim",
                                                                "latent_channels", "widths")}))
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"latent shape {model.latent_shape}")
+        again = [a for a in sys.argv[1:] if a != "--resume"] if argv_is_cli() else ["--arch", args.arch]
+        again = f"python vae.py {' '.join(again)} --resume"
         try:
             # on a GPU the uint8 images live on the device (200 MB for 50k at 64x64)
             history = train(model, train_x.to(device), val_x, args, device, ckpt_path, resume)
-        except Interrupted:
+        except Interrupted as e:
             make_figures(model, val_x, load_checkpoint(ckpt_path, args)["history"], out, device, data_name)
-            again = [a for a in sys.argv[1:] if a != "--resume"] if argv_is_cli() else ["--arch", args.arch]
-            print(f"saved {ckpt_path} and the figures so far; resume with:\n  python vae.py "
-                  f"{' '.join(again)} --resume", file=sys.stderr)
-            sys.exit(130)
+            raise Interrupted(f"{e} and the figures so far; resume with: {again}") from None
         config["train_minutes"] = history["seconds"][-1] / 60        # resumed runs included
+        if args.prior == "flow" and not args.joint:                # stage 2: the learned prior
+            attach_flow_prior(model, args.seed).to(device)
+            try:
+                model.eval()
+                codes = [encode_all(model, x, device) for x in (train_x, val_x)]   # (mu, logvar) each
+                config["prior_history"] = fit_prior(model.prior, *codes, device, args.prior_epochs,
+                                                    seed=args.seed)
+            except KeyboardInterrupt:
+                raise Interrupted(f"stopped while fitting the prior; the trained VAE is in {ckpt_path}: "
+                                  f"{again} fits the prior again without retraining") from None
+            config["prior_minutes"] = config["prior_history"][-1]["seconds"] / 60
         save_model(model, out / "model.pt")
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        with open(out / "history.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(history.keys())
-            w.writerows(zip(*history.values()))
+        write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+        rows = [",".join(history)] + [",".join(map(str, row)) for row in zip(*history.values())]
+        write_text(out / "history.csv", "\n".join(rows) + "\n")
         print(f"saved {out / 'model.pt'} ({(out / 'model.pt').stat().st_size / 1e6:.1f} MB)")
     else:
         history = read_history(out / "history.csv")
-        config["train_minutes"] = json.loads((out / "config.json").read_text()).get("train_minutes") \
-            if (out / "config.json").is_file() else None
-    make_figures(model, val_x, history, out, device, data_name)
+        saved = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+        for key in ("train_minutes", "prior_minutes", "prior_history"):
+            config[key] = saved.get(key)
+    make_figures(model, val_x, history, out, device, data_name, prior_history=config.get("prior_history"))
     metrics = evaluate(model, train_x, val_x, device, args.eval_n, args.iwae_k, args.seed)
-    metrics.update(arch=args.arch, data=data_name, device=config["device"], train_minutes=config["train_minutes"])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics.update(arch=args.arch, data=data_name, device=config["device"],
+                   train_minutes=config["train_minutes"], prior_minutes=config.get("prior_minutes"))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_comparison(out.parent, val_x[:args.eval_n], device)
-    r = metrics["realism"]
+    s = metrics["samples"][metrics["prior"]]
     print(f"held-out -ELBO {metrics['neg_elbo']:.1f} nats/img (rec {metrics['elbo_rec']:.1f} + kl "
-          f"{metrics['elbo_kl']:.1f}), reconstruction accuracy {metrics['recon_accuracy']:.4f}, "
-          f"blur {metrics['blur']:.4f}, pieces {r['pieces_mean']:.2f} (data {metrics['data_pieces_mean']:.2f})")
+          f"{metrics['elbo_kl']:.1f}), reconstruction accuracy {metrics['recon_accuracy']:.4f}")
+    print(f"{metrics['prior']} prior samples: blur {s['blur']:.4f}, pieces {s['realism']['pieces_mean']:.2f} "
+          f"(data {metrics['data_pieces_mean']:.2f}), top-to-bottom channels {s['realism']['spanning_mean']:.2f} "
+          f"(data {metrics['data_spanning_mean']:.2f}), memorisation {s['memorisation']:.2f}")
     print(f"wrote {out}/: samples.png interpolation.png reconstructions.png losses.png metrics.json")
+
+
+def condition(model, val_x, out, device, n_wells, data_name):
+    """--condition: the ES-MDA study with the model's prior, and with N(0, I) into the same
+    decoder when the model has a flow -> conditioning.json and conditioning.png."""
+    model.eval()
+    results = {}
+    flow = model.prior
+    for name in (["flow"] if flow is not None else []) + ["gaussian"]:
+        model.prior = flow if name == "flow" else None
+        print(f"ES-MDA with the {name} prior: 5 held-out truths, {n_wells} wells each, 200 members, "
+              f"4 assimilations")
+        results[name], (truth, res) = conditioning_study(model, val_x, device, n_wells=n_wells)
+        if name == ("flow" if flow is not None else "gaussian"):
+            conditioning_figure(truth, res, out / "conditioning.png",
+                                f"{model_config(model)['arch']} VAE ({data_name}), {name} prior: ES-MDA on "
+                                f"{n_wells} wells, 200 members, 4 assimilations")
+        s = results[name]
+        print(f"  wells honoured {s['prior_wells_honoured']['mean']:.3f} -> {s['posterior_wells_honoured']['mean']:.3f} "
+              f"(worst {s['posterior_wells_honoured']['worst']:.3f}), spread ratio {s['spread_ratio']['mean']:.2f} "
+              f"(worst {s['spread_ratio']['worst']:.2f}), {s['seconds']:.1f} s")
+    model.prior = flow
+    write_text(out / "conditioning.json", json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out / 'conditioning.json'} and {out / 'conditioning.png'}")
 
 
 def argv_is_cli():
@@ -1388,7 +1923,9 @@ def load_checkpoint(path, args):
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "config", "epoch"} <= set(ckpt):
         raise DataError(f"{path}: not a training checkpoint of this script")
     cfg = ckpt["config"]
-    for key, want in (("arch", args.arch), ("size", args.size), ("widths", list(args.widths))):
+    prior = "flow" if args.joint else "gaussian"        # a post-hoc flow is fitted after training
+    for key, want in (("arch", args.arch), ("size", args.size), ("widths", list(args.widths)),
+                      ("prior", prior)):
         if cfg.get(key) != want:
             raise DataError(f"{path}: checkpoint has {key} {cfg.get(key)}, but this run asks for {want}")
     return ckpt
@@ -1402,6 +1939,12 @@ def main(argv=None):
     except (DataError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, DataError) else 1)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:           # Ctrl-C anywhere else: every file is written atomically
+        print("interrupted: stopped by Ctrl-C; no file was left half-written", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
