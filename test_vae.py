@@ -375,7 +375,11 @@ def test_blur_diversity_memorisation_and_interpolation_steps():
     x = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert vae.mean_pairwise_hamming(x) == pytest.approx((2 + 4 + 2) / 3)
     pool = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
-    assert vae.nearest_distance(x, pool).tolist() == [0, 1, 1]
+    dist, index = vae.nearest(x, pool)
+    assert dist.tolist() == [0, 1, 1] and index.tolist() == [0, 1, 1]
+    # across chunks of the pool: the nearest image is in the second chunk
+    dist, index = vae.nearest(x[2:], torch.cat([pool, x[2:]]), chunk=2)
+    assert dist.tolist() == [0] and index.tolist() == [2]
     # 3 frames on 2 paths: path 0 flips every pixel once, path 1 never changes
     frames = torch.zeros(3, 2, 4, dtype=torch.bool)
     frames[2, 0] = True
@@ -479,11 +483,12 @@ def test_model_round_trip_decodes_identically(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     x = torch.from_numpy(vae.make_synthetic_channels(160, size=64)).permute(0, 3, 1, 2).contiguous()
     train_x, val_x = vae.split(x, 0.2, 0)
-    # with augmentation on, so the random half-turns must repeat exactly too
+    # with augmentation on, so the random half-turns must repeat exactly too, and with the
+    # default joint flow prior, whose weights and optimizer state must come back as well
     args, cpu = tiny_args(tmp_path, "--augment", "rot180"), torch.device("cpu")
 
     vae.set_seed(0)
-    whole = vae.train(vae.build_model("dense", 64, latent_dim=8, **TINY), train_x, val_x, args, cpu,
+    whole = vae.train(vae.build_model("dense", 64, latent_dim=8, prior="flow", **TINY), train_x, val_x, args, cpu,
                       tmp_path / "a.pt", log=lambda s: None)
 
     def interrupt_after_first_epoch(message):
@@ -491,12 +496,12 @@ def test_resume_equals_uninterrupted(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)       # as if the user pressed Ctrl-C
     vae.set_seed(0)
     with pytest.raises(vae.Interrupted):
-        vae.train(vae.build_model("dense", 64, latent_dim=8, **TINY), train_x, val_x, args, cpu,
+        vae.train(vae.build_model("dense", 64, latent_dim=8, prior="flow", **TINY), train_x, val_x, args, cpu,
                   tmp_path / "b.pt", log=interrupt_after_first_epoch)
     ckpt = vae.load_checkpoint(tmp_path / "b.pt", args)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 1)      # stopped one step into epoch 2
     vae.set_seed(123)                                    # the checkpoint's RNG state must win
-    resumed = vae.train(vae.build_model("dense", 64, latent_dim=8, **TINY), train_x, val_x, args, cpu,
+    resumed = vae.train(vae.build_model("dense", 64, latent_dim=8, prior="flow", **TINY), train_x, val_x, args, cpu,
                         tmp_path / "b.pt", resume=ckpt, log=lambda s: None)
     for key in ("train_rec", "train_kl", "val_rec", "val_kl"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key

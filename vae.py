@@ -20,14 +20,14 @@ Reading map: the sections of this file, by line (a test keeps the numbers true).
 core first, top to bottom; the toolkit measures it, and the use section shows what for.
       77-265   data                   core     the real file's loader; the synthetic stand-in
      266-374   models                 core     the two VAEs
-     375-523   learned prior          core     the flow prior z = f(u), u ~ N(0, I)
-     524-598   loss                   core     the negative ELBO
-     599-904   training               core     the training loop; fitting the prior
-     905-1274  evaluation             toolkit  likelihood, realism against a noise floor, memorisation
-    1275-1384  conditioning on wells  use      ES-MDA in the latent space
-    1385-1632  figures                toolkit  figures; results/comparison.md
-    1633-1712  benchmark              toolkit  img/s against the machine's matmul peak
-    1713-1982  main                   entry    the command line
+     375-527   learned prior          core     the flow prior z = f(u), u ~ N(0, I)
+     528-602   loss                   core     the negative ELBO
+     603-909   training               core     the training loop; fitting the prior
+     910-1283  evaluation             toolkit  likelihood, realism against a noise floor, memorisation
+    1284-1393  conditioning on wells  use      ES-MDA in the latent space
+    1394-1650  figures                toolkit  figures; results/comparison.md
+    1651-1730  benchmark              toolkit  img/s against the machine's matmul peak
+    1731-2002  main                   entry    the command line
 """
 import argparse
 import csv
@@ -397,6 +397,10 @@ def build_model(arch, size=64, prior="gaussian", **kwargs):
 # convolutions for the spatial latent, so the fullyconv flow has no nn.Linear and runs on
 # any grid size. The last layer starts at zero and the mix orthogonal, so an untrained
 # flow maps N(0, I) to exactly N(0, I).
+#
+# --prior flow (the default) trains the flow with the VAE: the KL term is taken against it
+# (see loss). --prior posthoc trains the VAE against N(0, I) first and then fits the flow
+# to its codes (fit_prior). The README compares the two; --prior gaussian has no flow.
 
 PRIOR_RECIPES = ("flow", "posthoc", "gaussian")     # --prior: how the prior is learned (README)
 FLOW_STEPS = 8
@@ -486,7 +490,7 @@ def standard_normal_logpdf(z):
 
 def attach_flow_prior(model, seed=0):
     """Give model a FlowPrior. Its random init uses its own seed and leaves the global RNG
-    untouched, so adding a flow does not change how the VAE itself trains."""
+    untouched, so the VAE's own init and noise are the same with or without a flow."""
     arch = "dense" if isinstance(model, DenseVAE) else "fullyconv"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -728,7 +732,8 @@ def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print
         torch.set_rng_state(resume["rng_cpu"])
         if device.type == "cuda" and resume.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(resume["rng_cuda"])
-        log(f"resumed at epoch {epoch + 1}, step {first_step}/{steps_per_epoch}")
+        log(f"resumed at epoch {epoch + 1}, step {first_step}/{steps_per_epoch}" if epoch < args.epochs
+            else f"resumed: the checkpoint has finished all {args.epochs} epochs")
 
     def checkpoint(epoch, step):
         save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -1104,12 +1109,16 @@ def hamming(a, b):
     return a.sum(1, keepdim=True) + b.sum(1) - 2 * a @ b.T
 
 
-def nearest_distance(queries, pool, chunk=4096):
-    """Hamming distance from each query image to its nearest image in pool -> (Q,)"""
+def nearest(queries, pool, chunk=4096):
+    """Each query image's nearest image in pool -> Hamming distances (Q,), indices (Q,)"""
     best = torch.full((len(queries),), float("inf"))
+    index = torch.zeros(len(queries), dtype=torch.long)
     for i in range(0, len(pool), chunk):
-        best = torch.minimum(best, hamming(queries, pool[i:i + chunk]).min(1).values)
-    return best
+        d, j = hamming(queries, pool[i:i + chunk]).min(1)
+        closer = d < best
+        best, index = torch.where(closer, d, best), torch.where(closer, j + i, index)
+    return best, index
+
 
 
 def latent_health(mu, logvar):
@@ -1169,7 +1178,7 @@ def sample_scores(model, z, held, train_x, held_near, device):
     held_near: each held-out image's Hamming distance to its nearest training image."""
     probs = decode_probs(model, z, device)
     samples = (probs >= 0.5).to(torch.uint8)
-    near = nearest_distance(samples, train_x)
+    near = nearest(samples, train_x)[0]
     return {"blur": blur(probs), "realism": realism_scores(samples, held),
             "proportion": samples.float().mean().item(),
             "diversity": mean_pairwise_hamming(samples) / mean_pairwise_hamming(held),
@@ -1243,7 +1252,7 @@ def evaluate(model, train_x, val_x, device, n=1000, iwae_k=100, seed=0, log=prin
     # 4. prior samples against held-out images, and the noise floor. "posterior" decodes
     #    z ~ q(z|x) of the other n held-out images: what a prior that matched the codes
     #    exactly would give with this decoder, the best any prior can do.
-    held_near = nearest_distance(held, train_x)
+    held_near = nearest(held, train_x)[0]
     fmu, flogvar = encode_all(model, floor_set, device)
     latents = {out["prior"]: sample_latents(model, n, torch.Generator().manual_seed(seed)).cpu(),
                "posterior": reparameterize(fmu, flogvar)}
@@ -1413,9 +1422,9 @@ def prior_name(model):
 
 
 @torch.no_grad()
-def make_figures(model, val_x, history, out, device, data_name, seed=0, prior_history=None):
-    """samples.png, interpolation.png, reconstructions.png and losses.png in out/, and
-    large_field.png for the fully convolutional model."""
+def make_figures(model, train_x, val_x, history, out, device, data_name, seed=0, prior_history=None):
+    """samples.png, interpolation.png, reconstructions.png, nearest.png and losses.png in
+    out/, and large_field.png for the fully convolutional model."""
     model.eval()
     arch = model_config(model)["arch"]
     note = f"{arch} VAE trained on {data_name}"
@@ -1448,6 +1457,15 @@ def make_figures(model, val_x, history, out, device, data_name, seed=0, prior_hi
             labels += [name, "recon"]
     show_grid(rows, out / "reconstructions.png",
               f"{note}: inputs and reconstructions from the posterior mean", row_labels=labels)
+
+    # copying check: prior samples (thresholded) above their nearest training images, and
+    # held-out images above theirs, for scale (the data hold shifted near-copies)
+    samples = (probs[:8] >= 0.5).to(torch.uint8)
+    (ds, js), (dh, jh) = nearest(samples, train_x), nearest(val_x[:8], train_x)
+    show_grid([samples.float(), train_x[js].float(), val_x[:8].float(), train_x[jh].float()],
+              out / "nearest.png", f"{note}: prior samples and held-out images, each above its nearest training "
+              f"image (median Hamming distance {ds.median():.0f} and {dh.median():.0f} pixels)",
+              row_labels=["prior sample", "nearest train", "held-out", "nearest train"])
 
     if len(model.latent_shape) > 1:        # only a fully convolutional decoder can do this
         c, h, w = model.latent_shape
@@ -1875,7 +1893,8 @@ def run(args):
             # on a GPU the uint8 images live on the device (200 MB for 50k at 64x64)
             history = train(model, train_x.to(device), val_x, args, device, ckpt_path, resume)
         except Interrupted as e:
-            make_figures(model, val_x, load_checkpoint(ckpt_path, args)["history"], out, device, data_name)
+            make_figures(model, train_x, val_x, load_checkpoint(ckpt_path, args)["history"], out, device,
+                         data_name)
             raise Interrupted(f"{e} and the figures so far; resume with: {again}") from None
         config["train_minutes"] = history["seconds"][-1] / 60        # resumed runs included
         if args.prior == "posthoc":              # stage 2: fit the flow to the trained VAE's codes
@@ -1899,7 +1918,8 @@ def run(args):
         saved = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
         for key in ("train_minutes", "prior_minutes", "prior_history"):
             config[key] = saved.get(key)
-    make_figures(model, val_x, history, out, device, data_name, prior_history=config.get("prior_history"))
+    make_figures(model, train_x, val_x, history, out, device, data_name,
+                 prior_history=config.get("prior_history"))
     metrics = evaluate(model, train_x, val_x, device, args.eval_n, args.iwae_k, args.seed)
     metrics.update(arch=args.arch, data=data_name, device=config["device"],
                    train_minutes=config["train_minutes"], prior_minutes=config.get("prior_minutes"))
