@@ -1381,7 +1381,8 @@ def conditioning_study(model, val_x, device, truths=5, n_wells=16, members=200, 
             f"{cases[-1]['spread_ratio']:.2f}")
     summary = {"truths": truths, "wells": n_wells, "members": members, "assimilations": 4,
                "inflation": inflation_factors(4), "prior": model_config(model)["prior"], "cases": cases}
-    for key, worst in (("wells_honoured", min), ("blur", max), ("pieces_mean", max), ("spanning_mean", min)):
+    for key, worst in (("wells_honoured", min), ("blur", max), ("pieces_mean", max), ("spanning_mean", min),
+                       ("proportion", min)):
         for ens in ("prior", "posterior"):
             vals = [c[ens][key] for c in cases]
             summary[f"{ens}_{key}"] = {"mean": sum(vals) / len(vals), "worst": worst(vals)}
