@@ -1464,8 +1464,8 @@ def make_figures(model, train_x, val_x, history, out, device, data_name, seed=0,
     samples = (probs[:8] >= 0.5).to(torch.uint8)
     (ds, js), (dh, jh) = nearest(samples, train_x), nearest(val_x[:8], train_x)
     show_grid([samples.float(), train_x[js].float(), val_x[:8].float(), train_x[jh].float()],
-              out / "nearest.png", f"{note}: prior samples and held-out images, each above its nearest training "
-              f"image (median Hamming distance {ds.median():.0f} and {dh.median():.0f} pixels)",
+              out / "nearest.png", f"{note}: prior samples and held-out images, each above its nearest\n"
+              f"training image (median Hamming distance {ds.median():.0f} and {dh.median():.0f} pixels)",
               row_labels=["prior sample", "nearest train", "held-out", "nearest train"])
 
     if len(model.latent_shape) > 1:        # only a fully convolutional decoder can do this
