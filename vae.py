@@ -23,11 +23,11 @@ core first, top to bottom; the toolkit measures it, and the use section shows wh
      375-527   learned prior          core     the flow prior z = f(u), u ~ N(0, I)
      528-602   loss                   core     the negative ELBO
      603-909   training               core     the training loop; fitting the prior
-     910-1283  evaluation             toolkit  likelihood, realism against a noise floor, memorisation
-    1284-1393  conditioning on wells  use      ES-MDA in the latent space
-    1394-1650  figures                toolkit  figures; results/comparison.md
-    1651-1730  benchmark              toolkit  img/s against the machine's matmul peak
-    1731-2002  main                   entry    the command line
+     910-1289  evaluation             toolkit  likelihood, realism against a noise floor, memorisation
+    1290-1400  conditioning on wells  use      ES-MDA in the latent space
+    1401-1657  figures                toolkit  figures; results/comparison.md
+    1658-1737  benchmark              toolkit  img/s against the machine's matmul peak
+    1738-2009  main                   entry    the command line
 """
 import argparse
 import csv
@@ -1246,8 +1246,14 @@ def evaluate(model, train_x, val_x, device, n=1000, iwae_k=100, seed=0, log=prin
     real_recon = decode_probs(model, encode_all(model, real, device)[0], device) >= 0.5
     out["real_recon_accuracy"] = (real_recon == real.bool()).float().mean().item()
 
-    # 3. latent health: active units and how far the aggregate posterior is from N(0, I)
+    # 3. latent health: active units, and how far the aggregate posterior is from the prior's
+    #    Gaussian: z itself for N(0, I); for a flow, u = f^-1(z) of one z ~ q(z|x) per image
     out.update(latent_health(mu, logvar))
+    if model.prior is not None:
+        z = mu + torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed)) * (0.5 * logvar).exp()
+        u = to_gaussian(model, z)
+        health = latent_health(u, torch.full_like(u, -math.inf))        # samples: no sigma^2 term
+        out.update({k: health[k] for k in ("agg_posterior_cov_err", "agg_posterior_mean_err")})
 
     # 4. prior samples against held-out images, and the noise floor. "posterior" decodes
     #    z ~ q(z|x) of the other n held-out images: what a prior that matched the codes
