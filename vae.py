@@ -1479,7 +1479,7 @@ def make_figures(model, train_x, val_x, history, out, device, data_name, seed=0,
         z = sample_latents(model, 6, g, grid=(2 * h, 2 * w))
         fields = decode_probs(model, z, device)
         show_grid([fields[:3], fields[3:]], out / "large_field.png",
-                  f"{note}: six {fields.shape[-1]}x{fields.shape[-1]} fields (4x the training area) "
+                  f"{note}: six {fields.shape[-1]}x{fields.shape[-1]} fields (4x the training area)\n"
                   f"from ({c}, {2 * h}, {2 * w}) latent grids through {prior_name(model)}", panel=3.2)
 
     import matplotlib.pyplot as plt
