@@ -597,6 +597,10 @@ def test_zero_images_and_less_than_a_batch(tmp_path, capsys):
     (["--widths", "8,x"], "argument --widths"),
     (["--val-fraction", "1.5"], "argument --val-fraction"),
     (["--arch", "mlp"], "argument --arch"),
+    (["--latent-dim", "1"], "argument --prior flow"),
+    (["--arch", "fullyconv", "--latent-channels", "1", "--prior", "posthoc"], "argument --prior posthoc"),
+    (["--prior", "normal"], "argument --prior"),
+    (["--wells", "0"], "argument --wells"),
 ])
 def test_bad_flags_are_argparse_errors(capsys, argv, fragment):
     if "--arch" not in argv:
@@ -723,6 +727,10 @@ def test_main_end_to_end_evaluate_and_condition(tmp_path, capsys, arch):
     assert cond["prior"] == "flow" and (out / "conditioning.png").is_file()
     assert len(cond["cases"]) == 5 and cond["wells"] == 8
     assert 0 <= cond["posterior_wells_honoured"]["worst"] <= cond["posterior_wells_honoured"]["mean"] <= 1
+    code, _, err = run_main(argv + ["--condition", "--wells", "5000"], capsys)
+    assert_clean_error(code, err, "--wells 5000", "only 4096 pixels")
+    code, _, err = run_main(argv[:4] + ["--out", tmp_path / "empty", "--condition"], capsys)
+    assert_clean_error(code, err, "model.pt", "file not found")
 
 
 @pytest.mark.parametrize("prior", ["gaussian", "posthoc"])

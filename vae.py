@@ -27,7 +27,7 @@ core first, top to bottom; the toolkit measures it, and the use section shows wh
     1290-1400  conditioning on wells  use      ES-MDA in the latent space
     1401-1657  figures                toolkit  figures; results/comparison.md
     1658-1737  benchmark              toolkit  img/s against the machine's matmul peak
-    1738-2009  main                   entry    the command line
+    1738-2015  main                   entry    the command line
 """
 import argparse
 import csv
@@ -1808,6 +1808,10 @@ def parse_args(argv=None):
         args.mmd = 1000.0 if args.arch == "dense" and args.prior != "flow" else 0.0
     if args.prior_epochs is None:
         args.prior_epochs = 40 if args.arch == "dense" else 12
+    latent = args.latent_dim if args.arch == "dense" else args.latent_channels
+    if args.prior != "gaussian" and latent < 2:
+        p.error(f"argument --prior {args.prior}: the flow couples half of the latent channels to the "
+                f"other half, so it needs at least 2 (got 1); or use --prior gaussian")
     if not 0 < args.val_fraction < 1:
         p.error(f"argument --val-fraction: must be between 0 and 1, not {args.val_fraction}")
     try:
@@ -1945,6 +1949,8 @@ def condition(model, val_x, out, device, n_wells, data_name):
     """--condition: the ES-MDA study with the model's prior -> conditioning.json and .png"""
     model.eval()
     prior = model_config(model)["prior"]
+    if n_wells >= val_x[0].numel():
+        raise DataError(f"--wells {n_wells}: an image has only {val_x[0].numel()} pixels")
     print(f"ES-MDA with the {prior} prior: 5 held-out truths, {n_wells} wells each, 200 members, "
           f"4 assimilations")
     summary, (truth, res) = conditioning_study(model, val_x, device, n_wells=n_wells)
