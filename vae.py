@@ -1707,9 +1707,9 @@ def benchmark(model, batch_size, device, seconds=10.0, log=print):
 
     train_rate = timed(train_step, batch_size)
     model.eval()
-    z = torch.randn(1000, *model.latent_shape, device=device)
-    with torch.no_grad():
-        sample_rate = timed(lambda: torch.sigmoid(model.decode(z)), len(z))
+    u = torch.randn(1000, *model.latent_shape, device=device)
+    with torch.no_grad():                               # sampling = the prior's f(u), then decode
+        sample_rate = timed(lambda: torch.sigmoid(model.decode(prior_map(model, u))), len(u))
     peak = matmul_peak(device, min(seconds / 2, 2.0))
     achieved = 3 * flops * train_rate / 1e9
     result = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
