@@ -769,7 +769,8 @@ def test_benchmark_flag_writes_json(tmp_path, capsys):
     code, out, err = run_main(["--arch", "fullyconv", "--benchmark", "--batch-size", "8", "--widths", "8,16,16,16",
                                "--bench-seconds", "0.2", "--out", tmp_path], capsys)
     assert code == 0, err
-    saved = json.loads((tmp_path / "benchmark.json").read_text())["fullyconv_cpu"]
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    saved = json.loads((tmp_path / "benchmark.json").read_text())[f"fullyconv_cpu_{capability}"]
     for key in ("train_img_per_s", "sample_img_per_s", "forward_flops_per_image", "train_gflops_per_s",
                 "matmul_peak_gflops_per_s", "fraction_of_peak", "device", "torch"):
         assert key in saved, key

@@ -27,7 +27,7 @@ core first, top to bottom; the toolkit measures it, and the use section shows wh
     1290-1400  conditioning on wells  use      ES-MDA in the latent space
     1401-1657  figures                toolkit  figures; results/comparison.md
     1658-1737  benchmark              toolkit  img/s against the machine's matmul peak
-    1738-2015  main                   entry    the command line
+    1738-2016  main                   entry    the command line
 """
 import argparse
 import csv
@@ -1858,7 +1858,8 @@ def run(args):
         result = benchmark(model, args.batch_size, device, args.bench_seconds)
         path = (Path("results") if args.out is None else out) / "benchmark.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}
-        saved[f"{args.arch}_{device.type}"] = result
+        kind = device.type if device.type != "cpu" else f"cpu_{torch.backends.cpu.get_cpu_capability().lower()}"
+        saved[f"{args.arch}_{kind}"] = result                # e.g. dense_cpu_avx512, dense_cuda
         write_text(path, json.dumps(saved, indent=2) + "\n")
         print(f"wrote {path}")
         return
