@@ -721,11 +721,11 @@ def test_main_end_to_end_evaluate_and_condition(tmp_path, capsys, arch):
     code, stdout, err = run_main(argv + ["--evaluate"], capsys)
     assert code == 0, err
     assert (out / "samples.png").is_file() and "epoch 1/" not in stdout
-    code, stdout, err = run_main(argv + ["--condition", "--wells", "8"], capsys)
+    code, stdout, err = run_main(argv + ["--condition", "--wells", "8", "--assimilations", "3"], capsys)
     assert code == 0, err
     cond = json.loads((out / "conditioning.json").read_text())
     assert cond["prior"] == "flow" and (out / "conditioning.png").is_file()
-    assert len(cond["cases"]) == 5 and cond["wells"] == 8
+    assert len(cond["cases"]) == 5 and cond["wells"] == 8 and cond["inflation"] == [3.0, 3.0, 3.0]
     assert 0 <= cond["posterior_wells_honoured"]["worst"] <= cond["posterior_wells_honoured"]["mean"] <= 1
     code, _, err = run_main(argv + ["--condition", "--wells", "5000"], capsys)
     assert_clean_error(code, err, "--wells 5000", "only 4096 pixels")

@@ -24,10 +24,10 @@ core first, top to bottom; the toolkit measures it, and the use section shows wh
      528-602   loss                   core     the negative ELBO
      603-909   training               core     the training loop; fitting the prior
      910-1289  evaluation             toolkit  likelihood, realism against a noise floor, memorisation
-    1290-1400  conditioning on wells  use      ES-MDA in the latent space
-    1401-1657  figures                toolkit  figures; results/comparison.md
-    1658-1737  benchmark              toolkit  img/s against the machine's matmul peak
-    1738-2016  main                   entry    the command line
+    1290-1402  conditioning on wells  use      ES-MDA in the latent space
+    1403-1659  figures                toolkit  figures; results/comparison.md
+    1660-1739  benchmark              toolkit  img/s against the machine's matmul peak
+    1740-2023  main                   entry    the command line
 """
 import argparse
 import csv
@@ -1296,8 +1296,8 @@ def evaluate(model, train_x, val_x, device, n=1000, iwae_k=100, seed=0, log=prin
 # wells (pixels) of a held-out "true" image.
 #
 # Ensemble of N members, parameters m_j = u_j flattened (P,), forward model g(m) = the
-# decoder's channel probability at the wells (K,), observations d_obs (K,), error C_D =
-# sd^2 I. For each of N_a assimilations with inflation alpha_a (sum of 1/alpha_a = 1):
+# decoder's channel probability at the wells (K,), observations d_obs (K,) of 0 or 1, error
+# C_D = sd^2 I (sd 0.05: facies seen in a well are near certain). For each of N_a assimilations with inflation alpha_a (sum of 1/alpha_a = 1):
 #   d_j  = d_obs + sqrt(alpha_a) e_j,  e_j ~ N(0, C_D)              (perturbed observations)
 #   m_j <- m_j + C_MD (C_DD + alpha_a C_D)^-1 (d_j - g(m_j))        (Kalman-type update)
 # C_MD (P, K) and C_DD (K, K) are the ensemble (cross-)covariances of m and g(m). For a
@@ -1331,7 +1331,7 @@ def esmda(forward, m, d_obs, obs_sd, n_assimilations=4, generator=None):
 
 
 @torch.no_grad()
-def condition_on_wells(model, truth, device, n_wells=16, members=200, obs_sd=0.1, seed=0):
+def condition_on_wells(model, truth, device, n_wells=16, members=200, obs_sd=0.05, assimilations=4, seed=0):
     """ES-MDA on one held-out image: its facies at n_wells random pixels are the data.
     truth (1, S, S) uint8 -> dict of tensors: wells (K, 2), prior and posterior decoder
     probabilities (members, 1, S, S)."""
@@ -1348,7 +1348,7 @@ def condition_on_wells(model, truth, device, n_wells=16, members=200, obs_sd=0.1
         return decode(m).flatten(1)[:, flat.to(device)]
 
     u = torch.randn(members, *model.latent_shape, generator=g).flatten(1).to(device)   # (N, P)
-    post = esmda(forward, u, d_obs, obs_sd, generator=g)
+    post = esmda(forward, u, d_obs, obs_sd, assimilations, generator=g)
     return {"wells": torch.stack([flat // S, flat % S], 1), "obs": d_obs.cpu(),
             "prior": decode(u).cpu(), "posterior": decode(post).cpu()}
 
@@ -1366,14 +1366,15 @@ def ensemble_report(probs, wells, obs):
             "mean_pairwise_hamming": mean_pairwise_hamming(m)}
 
 
-def conditioning_study(model, val_x, device, truths=5, n_wells=16, members=200, seed=0, log=print):
+def conditioning_study(model, val_x, device, truths=5, n_wells=16, members=200, obs_sd=0.05,
+                       assimilations=4, seed=0, log=print):
     """ES-MDA on `truths` different held-out images and well sets -> (summary dict, the
     first case for the figure). Reported per case, then mean and worst over cases."""
     t0 = time.perf_counter()
     pick = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))[:truths]
     cases, first = [], None
     for i, idx in enumerate(pick.tolist()):
-        res = condition_on_wells(model, val_x[idx], device, n_wells, members, seed=seed + i)
+        res = condition_on_wells(model, val_x[idx], device, n_wells, members, obs_sd, assimilations, seed + i)
         prior, post = (ensemble_report(res[k], res["wells"], res["obs"]) for k in ("prior", "posterior"))
         truth = image_statistics(val_x[idx:idx + 1])
         cases.append({"held_out_index": idx, "channel_wells": int(res["obs"].sum()), "prior": prior,
@@ -1385,8 +1386,9 @@ def conditioning_study(model, val_x, device, truths=5, n_wells=16, members=200, 
             f"wells in a channel): wells honoured {prior['wells_honoured']:.2f} -> {post['wells_honoured']:.2f}, "
             f"pieces {prior['pieces_mean']:.2f} -> {post['pieces_mean']:.2f}, spread ratio "
             f"{cases[-1]['spread_ratio']:.2f}")
-    summary = {"truths": truths, "wells": n_wells, "members": members, "assimilations": 4,
-               "inflation": inflation_factors(4), "prior": model_config(model)["prior"], "cases": cases}
+    summary = {"truths": truths, "wells": n_wells, "members": members, "obs_sd": obs_sd,
+               "assimilations": assimilations, "inflation": inflation_factors(assimilations),
+               "prior": model_config(model)["prior"], "cases": cases}
     for key, worst in (("wells_honoured", min), ("blur", max), ("pieces_mean", max), ("spanning_mean", min),
                        ("proportion", min)):
         for ens in ("prior", "posterior"):
@@ -1799,6 +1801,9 @@ def parse_args(argv=None):
     p.add_argument("--condition", action="store_true",
                    help="ES-MDA: condition <out>/model.pt's samples on wells of held-out images, then exit")
     p.add_argument("--wells", type=positive_int, default=16, help="--condition: observed pixels per truth")
+    p.add_argument("--assimilations", type=positive_int, default=4, help="--condition: ES-MDA steps N_a")
+    p.add_argument("--obs-sd", type=positive_float, default=0.05,
+                   help="--condition: observation error sd of the channel probability at a well")
     p.add_argument("--eval-n", type=positive_int, default=1000, help="prior samples scored")
     p.add_argument("--iwae-k", type=positive_int, default=100, help="importance samples per image")
     args = p.parse_args(argv)
@@ -1885,7 +1890,7 @@ def run(args):
         raise DataError(f"{data_path}: {n_images} images leave {len(train_x)} for training, "
                         f"fewer than one batch of {args.batch_size}")
     if args.condition:
-        condition(model, val_x, out, device, args.wells, data_name)
+        condition(model, val_x, out, device, args, data_name)
         return
     config = {**plain(vars(args)),
               "data_file": str(data_path), "n_images": n_images, "n_train": len(train_x),
@@ -1946,18 +1951,20 @@ def run(args):
     print(f"wrote {out}/: samples.png interpolation.png reconstructions.png losses.png metrics.json")
 
 
-def condition(model, val_x, out, device, n_wells, data_name):
+def condition(model, val_x, out, device, args, data_name):
     """--condition: the ES-MDA study with the model's prior -> conditioning.json and .png"""
     model.eval()
     prior = model_config(model)["prior"]
+    n_wells, n_a = args.wells, args.assimilations
     if n_wells >= val_x[0].numel():
         raise DataError(f"--wells {n_wells}: an image has only {val_x[0].numel()} pixels")
     print(f"ES-MDA with the {prior} prior: 5 held-out truths, {n_wells} wells each, 200 members, "
-          f"4 assimilations")
-    summary, (truth, res) = conditioning_study(model, val_x, device, n_wells=n_wells)
+          f"{n_a} assimilations, observation sd {args.obs_sd}")
+    summary, (truth, res) = conditioning_study(model, val_x, device, n_wells=n_wells, obs_sd=args.obs_sd,
+                                               assimilations=n_a)
     conditioning_figure(truth, res, out / "conditioning.png",
                         f"{model_config(model)['arch']} VAE ({data_name}), {prior} prior: ES-MDA on "
-                        f"{n_wells} wells, 200 members, 4 assimilations")
+                        f"{n_wells} wells, 200 members, {n_a} assimilations")
     write_text(out / "conditioning.json", json.dumps(summary, indent=2) + "\n")
     s = summary
     print(f"wells honoured {s['prior_wells_honoured']['mean']:.3f} -> {s['posterior_wells_honoured']['mean']:.3f} "
