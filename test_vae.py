@@ -647,9 +647,17 @@ def test_unwritable_out_fails_before_training(tmp_path, capsys):
     assert "epoch" not in out
 
 
+def default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(argv, cwd):
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that; Python
+    # then installs no KeyboardInterrupt handler, and the SIGINT below would do nothing. So
+    # the child starts with the default disposition, as it would from a terminal.
     return subprocess.Popen([sys.executable, str(HERE / "vae.py"), *map(str, argv)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
 
 
 def interrupt_after(proc, marker, delay):
