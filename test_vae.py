@@ -52,7 +52,7 @@ def assert_clean_error(code, err, *fragments):
 def test_reading_map_matches_the_section_rules():
     # the docstring's map lists each section's first and last line; the sections are the
     # "# ----- name" rules. Every rule must be in the map with its true span, in order.
-    lines = (HERE / "vae.py").read_text().split("\n")
+    lines = (HERE / "vae.py").read_text().splitlines()
     rules = [(i + 1, l.split(" ", 2)[2]) for i, l in enumerate(lines) if l.startswith("# " + "-" * 20)]
     want = [(a, (rules[k + 1][0] - 1) if k + 1 < len(rules) else len(lines), name)
             for k, (a, name) in enumerate(rules)]
@@ -693,6 +693,36 @@ def test_ctrl_c_saves_checkpoint_and_exits_130(tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] * 1000 + ckpt["step"] > 0
     assert not list(out.glob("*.tmp"))
+
+
+LOST_CTRL_C = """
+import sys, time
+sys.path.insert(0, {here!r})
+import vae
+if {hooks}:
+    vae.install_interrupt_hooks()
+class Finalized:
+    def __del__(self):
+        raise KeyboardInterrupt     # as if Ctrl-C landed in a finalizer: Python cannot raise it here
+try:
+    Finalized()                     # dropped at once, so __del__ runs now
+    t = time.time()
+    while time.time() - t < 3:
+        pass
+    print("lost")
+except KeyboardInterrupt:
+    print("raised again")
+"""
+
+
+def test_ctrl_c_lost_in_a_finalizer_is_raised_again():
+    # Seen in a scripted SIGINT during data generation: the KeyboardInterrupt landed in an
+    # h5py weakref callback, Python printed "Exception ignored" and the run went on training.
+    for hooks, want in ((False, "lost"), (True, "raised again")):
+        script = LOST_CTRL_C.format(here=str(HERE), hooks=hooks)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.stdout.strip() == want, done.stderr
+        assert ("Exception ignored" in done.stderr) == (not hooks)
 
 
 def test_ctrl_c_during_data_generation_leaves_no_partial_file(tmp_path):

@@ -18,16 +18,16 @@ trains on a synthetic stand-in that it generates once (see make_synthetic_channe
 
 Reading map: the sections of this file, by line (a test keeps the numbers true). Read the
 core first, top to bottom; the toolkit measures it, and the use section shows what for.
-      77-265   data                   core     the real file's loader; the synthetic stand-in
-     266-374   models                 core     the two VAEs
-     375-527   learned prior          core     the flow prior z = f(u), u ~ N(0, I)
-     528-602   loss                   core     the negative ELBO
-     603-909   training               core     the training loop; fitting the prior
+      78-266   data                   core     the real file's loader; the synthetic stand-in
+     267-375   models                 core     the two VAEs
+     376-528   learned prior          core     the flow prior z = f(u), u ~ N(0, I)
+     529-603   loss                   core     the negative ELBO
+     604-909   training               core     the training loop; fitting the prior
      910-1289  evaluation             toolkit  likelihood, realism against a noise floor, memorisation
     1290-1402  conditioning on wells  use      ES-MDA in the latent space
     1403-1659  figures                toolkit  figures; results/comparison.md
     1660-1739  benchmark              toolkit  img/s against the machine's matmul peak
-    1740-2023  main                   entry    the command line
+    1740-2044  main                   entry    the command line
 """
 import argparse
 import csv
@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -746,7 +747,6 @@ def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print
 
     # Ctrl-C sets a flag that is checked between steps, so the checkpoint never holds
     # half an optimizer step. A second Ctrl-C stops at once.
-    import signal
     stop = []
     def on_sigint(signum, frame):
         if stop:
@@ -2002,9 +2002,31 @@ def load_checkpoint(path, args):
     return ckpt
 
 
+def on_alarm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def on_lost_interrupt(unraisable):
+    """Python raises Ctrl-C's KeyboardInterrupt wherever the main thread is. If that is a
+    finalizer or a weakref callback (h5py runs some), the exception cannot propagate: Python
+    hands it to this hook and carries on, and the run would go on as if Ctrl-C had not been
+    pressed. So it is raised again 50 ms later, from an alarm, in ordinary code."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+def install_interrupt_hooks():
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, on_alarm)
+    sys.unraisablehook = on_lost_interrupt
+
+
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)     # progress shows up even in a log file
     args = parse_args(argv)
+    install_interrupt_hooks()
     try:
         run(args)
     except (DataError, TrainingDiverged) as e:
