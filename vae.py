@@ -2016,7 +2016,6 @@ def run(args):
             # on a GPU the uint8 images live on the device (200 MB for 50k at 64x64)
             history = train(model, train_x.to(device), val_x, args, device, ckpt_path, resume)
         except Interrupted as e:
-            history = load_checkpoint(ckpt_path, args)["history"]
             sample_figures(model, val_x, out, device, note, args.seed)
             raise Interrupted(f"{e} and the figures so far; resume: the same command with "
                               f"--resume") from None
