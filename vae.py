@@ -133,9 +133,9 @@ def get_data(path, size, log=print):
 
 
 def split(images, seed):
-    """A random train/validation split -> (train, held-out). The real images include shifted
-    near-copies of one another, so a random split leaks near-duplicates into validation
-    (README, "The data")."""
+    """A random train/validation split -> (train, held-out). Caveat: the real images include
+    shifted near-copies of one another, so a random split leaks near-duplicates into
+    validation, and held-out scores are optimistic (README, "The data")."""
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(VAL_FRACTION * len(images)))
     return images[order[n_val:]], images[order[:n_val]]
@@ -261,8 +261,11 @@ def build_model(arch, size=64, prior="gaussian", **kwargs):
 
 
 # ----------------------------------------------------------------------------- loss
-# The negative ELBO for binary images:
+# The ELBO is a lower bound on log p(x) that can be computed; training maximizes it. For
+# binary images, its negative:
 #   -ELBO(x) = E_q(z|x)[-log p(x|z)] + KL(q(z|x) || p(z))
+# The expectation is estimated with one sample z ~ q(z|x) per image and step. The KL term
+# keeps every q(z|x) close to the prior, which is what lets random prior draws decode.
 # p(x|z) is a Bernoulli per pixel, so -log p(x|z) is the binary cross-entropy of the
 # decoder's logits, summed over pixels. q(z|x) = N(mu, diag sigma^2) and p(z) = N(0, I),
 # so the KL has a closed form (Kingma & Welling 2014, appendix B), per latent element:
@@ -306,7 +309,7 @@ def neg_elbo(model, x, beta=1.0):
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, total, lr):
-    """Linear warm-up over the first 200 steps (or 10% of a short run), then a cosine
+    """Learning-rate warm-up: linear over the first 200 steps (or 10% of a short run), then a cosine
     decay to 5% of lr at the end: big steps early, fine ones to settle the decoder."""
     warmup = min(200, total // 10)
     if step < warmup:
@@ -316,13 +319,15 @@ def lr_at(step, total, lr):
 
 
 def beta_at(step, warmup_steps, beta):
-    """KL warm-up: beta rises linearly from 0, so the decoder first learns to use z."""
+    """KL warm-up (--warmup epochs): beta rises linearly from 0, so the decoder first learns
+    to use z before the KL pulls the posteriors to the prior."""
     return beta * min(1.0, step / warmup_steps) if warmup_steps > 0 else beta
 
 
 @torch.no_grad()
 def validate(model, images, device, beta, batch_size=500):
-    """Mean (loss, rec, kl) in nats per image over uint8 images (N, 1, S, S), in eval mode."""
+    """Mean (loss, rec, kl) in nats per image over uint8 images (N, 1, S, S), in eval mode,
+    at the full beta (not the warmed-up one); one z per image, so it varies a little."""
     model.eval()
     total = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(images), batch_size):
@@ -342,7 +347,8 @@ HISTORY = ("epoch", "train_rec", "train_kl", "val_rec", "val_kl", "val_loss", "b
 
 
 def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print):
-    """Train in place with Adam; returns the history, a list per HISTORY key (one per epoch).
+    """Train in place with Adam; returns the history, a list per HISTORY key (one per epoch;
+    beta and lr are the epoch's last). args: batch_size, epochs, lr, beta, warmup, seed.
 
     train_x, val_x: uint8 (N, 1, S, S). A checkpoint is saved after every epoch and on
     Ctrl-C (Part 3); with resume (a loaded checkpoint) training continues where it stopped."""
@@ -387,7 +393,7 @@ def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print
                     raise TrainingDiverged(
                         f"the loss became {loss.item()} at epoch {epoch + 1}, step {s}; the last "
                         f"good checkpoint {ckpt_path} is kept. Try a lower --lr (now {args.lr}) "
-                        f"or a longer --warmup (now {args.warmup})")
+                        f"or a longer KL warm-up, --warmup (now {args.warmup})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -450,9 +456,10 @@ def encode_all(model, images, device, batch_size=500):
 def slerp(u0, u1, steps):
     """Spherical paths from u0 to u1 (P, ...) each -> (steps, P, ...).
 
-    Why not a straight line: two Gaussian draws in d dimensions both have norm ~sqrt(d),
-    but their midpoint has norm ~sqrt(d/2), a point the prior almost never draws (and
-    here a nearly empty image). The great circle keeps the norm between the ends' norms."""
+    Why not a straight line: two Gaussian draws in d dimensions both have norm ~sqrt(d) and
+    are nearly orthogonal, so their midpoint has norm ~sqrt(d/2), a point the prior almost
+    never draws (here: too little channel). The great circle keeps the norm: exactly for
+    ends of equal norm, and between the ends' norms for near-orthogonal ends."""
     a, b = u0.flatten(1), u1.flatten(1)                                     # (P, d)
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
     omega = torch.arccos(cos.clamp(-1, 1)).view(1, -1, 1)                   # (1, P, 1)
@@ -499,7 +506,9 @@ def sample_figures(model, val_x, out, device, note, seed=0):
     # interpolation between two encoded held-out images (ends shown), then between two
     # prior draws; paths run in the Gaussian u (u = z for N(0, I); Part 2 for a flow)
     k = min(4, len(val_x) // 2)                                    # held-out pairs
-    u_held = to_gaussian(model, encode_all(model, val_x[:2 * k], device)[0])
+    u_held = to_gaussian(model, encode_all(model, val_x[:2 * k], device)[0])  # (2k, *latent)
+    # ends[0] are the starts, ends[1] the ends: held-out image r -> image k + r, then two
+    # random pairs; (2, k + 2, *latent)
     ends = torch.cat([u_held.view(2, k, *model.latent_shape),
                       torch.randn(2, 2, *model.latent_shape, generator=g)], 1)
     path = slerp(ends[0], ends[1], 10)                             # (10, k + 2, *latent)
@@ -527,9 +536,10 @@ def prior_name(model):
     return "N(0, I)" if model.prior is None else "the learned flow prior z = f(u), u ~ N(0, I)"
 
 
-# What `python vae.py --arch dense --prior gaussian` does with all of the above (main() and
-# run() in Part 3 hold the plumbing): get_data -> split -> build_model -> train ->
-# save_model -> sample_figures -> evaluate (Part 3) -> results/dense-gaussian/.
+# What `python vae.py --arch dense --prior gaussian` does with all of the above (run() in
+# Part 3 holds the plumbing): build_model -> get_data -> split -> train -> save_model ->
+# sample_figures, then Part 3's figures, evaluate and comparison.md -> results/dense-gaussian/.
+# Without --prior gaussian it trains Part 2's flow prior with the VAE: the default.
 #
 # ---------------------------------------------------------------------------------------------
 # You can stop here: that is the whole VAE. Part 2 replaces the N(0, I) prior with a learned
@@ -563,7 +573,9 @@ def prior_name(model):
 # The coupling net is an MLP for the dense latent (C = D, no grid) and 3x3, 1x1 and 3x3
 # convolutions for the spatial latent, so the fullyconv flow has no nn.Linear and runs on
 # any grid size. The last layer starts at zero and the mix orthogonal, so an untrained flow
-# is a rotation, which maps N(0, I) to exactly N(0, I): training starts from the plain VAE.
+# is an orthogonal map (a rotation or reflection), which maps N(0, I) to exactly N(0, I):
+# training starts from the plain VAE. Each step is written as f^-1 (to_u: z -> u, for the
+# density); sampling runs the steps backwards (to_z: u -> z).
 #
 # The flow trains with the VAE from the first step: the KL term is taken against it. It has
 # no closed form there, so it is estimated from the same sample z that the decoder sees:
@@ -597,15 +609,15 @@ class FlowStep(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def per_channel(self, v, like):
-        return v.view(1, -1, *[1] * (like.dim() - 2))               # (C,) -> (1, C, 1, 1)
+        return v.view(1, -1, *[1] * (like.dim() - 2))     # (C,) -> (1, C) or (1, C, 1, 1)
 
     def coupling(self, a):
         s, t = self.net(a).chunk(2, dim=1)
-        return 2 * torch.tanh(s / 2), t      # |s| < 2: no step stretches by more than e^2
+        return 2 * torch.tanh(s / 2), t      # |s| < 2: no coupling stretches by more than e^2
 
     def to_u(self, z):
         """z -> (u, log|det du/dz|): (B, C, *grid) -> (B, C, *grid), (B,)"""
-        cells = z[0, 0].numel()                                      # 1, or h * w
+        cells = z[0, 0].numel()     # 1, or h * w: actnorm and mix act on every grid cell alike
         h = (z + self.per_channel(self.shift, z)) * self.per_channel(self.log_scale.exp(), z)
         h = torch.einsum("ij,bj...->bi...", self.mix, h)
         a, b = h[:, :self.half], h[:, self.half:]
@@ -704,16 +716,19 @@ def to_gaussian(model, z):
 # something the decoder draws, i.e. a channel model. Here the data are the facies at K
 # wells (pixels) of a held-out "true" image.
 #
-# Ensemble of N members, parameters m_j = u_j flattened (P,), forward model g(m) = the
-# decoder's channel probability at the wells (K,), observations d_obs (K,) of 0 or 1, error
-# C_D = sd^2 I. Well facies are hard data, so sd is small (0.02). For each of N_a
-# assimilations with inflation alpha_a (sum of 1/alpha_a = 1):
+# Ensemble of N members, parameters m_j = u_j flattened (P,: 32 for dense, 128 for
+# fullyconv's (8, 4, 4)), forward model g(m) = the decoder's channel probability at the
+# wells (K,), observations d_obs (K,) of 0 or 1, error C_D = sd^2 I. Well facies are hard
+# data, so sd is small (0.02). For each of N_a assimilations with inflation alpha_a (the
+# update is damped by alpha_a; sum of 1/alpha_a = 1, so together they make one update):
 #   d_j  = d_obs + sqrt(alpha_a) e_j,  e_j ~ N(0, C_D)              (perturbed observations)
 #   m_j <- m_j + C_MD (C_DD + alpha_a C_D)^-1 (d_j - g(m_j))        (Kalman-type update)
-# C_MD (P, K) and C_DD (K, K) are the ensemble (cross-)covariances of m and g(m). For a
-# linear g and Gaussian m this samples the exact Bayesian posterior (a test checks it). The
-# decoder is not linear, so each update is only right for a small move: 8 assimilations
-# take smaller steps than the usual 4 (README, "Conditioning on wells").
+# C_MD (P, K) and C_DD (K, K) are the ensemble (cross-)covariances of m and g(m): in words,
+# each member moves along the regression of the parameters on the predicted data, towards
+# its perturbed observations. For a linear g and Gaussian m it samples the exact Bayesian
+# posterior as the ensemble grows (a test checks it). The decoder is not linear, so each
+# update is only right for a small move: 8 assimilations take smaller steps than the usual
+# 4 (README, "Conditioning on wells").
 
 OBS_SD, ASSIMILATIONS, MEMBERS, TRUTHS = 0.02, 8, 200, 5
 
