@@ -749,9 +749,12 @@ def test_ctrl_c_saves_checkpoint_and_exits_130(tmp_path):
 
 
 LOST_CTRL_C = """
-import sys, time
+import signal, sys, time
 sys.path.insert(0, {here!r})
 import vae
+# Python's own Ctrl-C handler, as in a terminal: a suite started as a background job (cmd &)
+# inherits SIGINT ignored, and then interrupt_main() would do nothing.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if {hook}:
     sys.unraisablehook = vae.reraise_lost_ctrl_c
 class Finalized:
