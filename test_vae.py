@@ -3,6 +3,7 @@ image, torch.distributions, an analytic or numerically integrated answer. The te
 the tutorial teaches come first, in the file's order (Part 1, then Part 2); then the metrics,
 files, bad input and end-to-end runs. Run: python -m pytest -q test_vae.py"""
 import json
+import pickle
 import math
 import shutil
 import signal
@@ -211,11 +212,11 @@ def test_flow_inverse_is_exact(arch):
     model = perturbed_flow(arch)
     z = torch.randn(16, *model.latent_shape)
     with torch.no_grad():
-        u, _ = model.prior.inverse(z)
+        u, _ = model.prior.to_u(z)
         assert (u - z).abs().max() > 0.05                 # the flow really moves points
-        torch.testing.assert_close(model.prior(u), z, rtol=0, atol=1e-5)     # f(f^-1(z)) = z
+        torch.testing.assert_close(model.prior.to_z(u), z, rtol=0, atol=1e-5)     # f(f^-1(z)) = z
         u2 = torch.randn(16, *model.latent_shape)
-        torch.testing.assert_close(model.prior.inverse(model.prior(u2))[0], u2, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.prior.to_u(model.prior.to_z(u2))[0], u2, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch, kwargs", [("dense", dict(latent_dim=4)), ("fullyconv", dict(latent_channels=2))])
@@ -227,8 +228,8 @@ def test_flow_log_determinant_matches_autograd_jacobian(arch, kwargs):
         model.prior.steps = model.prior.steps[:3]
     for seed in range(3):
         z = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        _, logdet = model.prior.inverse(z)
-        jac = torch.autograd.functional.jacobian(lambda v: model.prior.inverse(v.view_as(z))[0].flatten(), z.flatten())
+        _, logdet = model.prior.to_u(z)
+        jac = torch.autograd.functional.jacobian(lambda v: model.prior.to_u(v.view_as(z))[0].flatten(), z.flatten())
         sign, want = torch.linalg.slogdet(jac)
         assert sign != 0 and logdet.item() == pytest.approx(want.item(), abs=1e-8)
     # an untrained flow is a rotation (orthogonal mixes, zero couplings), so its density is
@@ -262,8 +263,8 @@ def affine_flow_model():
             step.shift.add_(0.5 * torch.randn(4, dtype=torch.float64))
             step.mix.add_(0.3 * torch.randn(4, 4, dtype=torch.float64))
     zero = torch.zeros(1, 4, dtype=torch.float64)
-    M = torch.autograd.functional.jacobian(lambda v: model.prior.inverse(v.view(1, 4))[0].flatten(), zero.flatten())
-    c = model.prior.inverse(zero)[0].flatten().detach()
+    M = torch.autograd.functional.jacobian(lambda v: model.prior.to_u(v.view(1, 4))[0].flatten(), zero.flatten())
+    c = model.prior.to_u(zero)[0].flatten().detach()
     p = torch.distributions.MultivariateNormal(-torch.linalg.solve(M, c), precision_matrix=M.T @ M)
     return model, p
 
@@ -334,8 +335,8 @@ def test_fullyconv_flow_has_no_linear_and_runs_on_two_grids():
     for grid in ((4, 4), (8, 8), (3, 5)):
         z = vae.sample_latents(model, 2, grid=grid)
         assert z.shape == (2, model.latent_shape[0], *grid)
-        u, logdet = model.prior.inverse(z)
-        torch.testing.assert_close(model.prior(u), z, rtol=0, atol=1e-5)
+        u, logdet = model.prior.to_u(z)
+        torch.testing.assert_close(model.prior.to_z(u), z, rtol=0, atol=1e-5)
         assert model.decode(z).shape == (2, 1, 16 * grid[0], 16 * grid[1])
     assert any(isinstance(m, nn.Linear) for m in perturbed_flow("dense").prior.modules())
 
@@ -345,7 +346,7 @@ def test_flow_model_reloads_with_the_same_samples(tmp_path, arch):
     model = perturbed_flow(arch)
     vae.save_model(model, tmp_path / "m.pt")
     again = vae.load_model(tmp_path / "m.pt")
-    assert again.prior is not None and vae.model_config(again)["prior"] == "flow"
+    assert vae.model_config(again)["prior"] == "flow"
     a = vae.sample_latents(model, 8, torch.Generator().manual_seed(3))
     b = vae.sample_latents(again, 8, torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b)          # same seed, same samples
@@ -354,11 +355,31 @@ def test_flow_model_reloads_with_the_same_samples(tmp_path, arch):
 
 def test_sample_latents_falls_back_to_standard_normal():
     model = vae.build_model("dense", 64, **TINY)
-    assert model.prior is None
+    assert isinstance(model.prior, vae.StandardNormal)
     z = vae.sample_latents(model, 4000, torch.Generator().manual_seed(0))
     want = torch.randn(4000, *model.latent_shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(z, want)                       # exactly u: no flow in between
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+
+
+@pytest.mark.parametrize("arch", ["dense", "fullyconv"])
+def test_both_priors_share_one_interface(arch):
+    # N(0, I) and the flow answer the same calls, and each obeys the change of variables
+    # log p(z) = log N(u; 0, I) + log|det du/dz| at u = to_u(z), with torch.distributions'
+    # Normal as the reference; N(0, I)'s kl is the closed form, whatever z and eps are
+    for model in (vae.build_model(arch, 64, **TINY), perturbed_flow(arch)):
+        u = torch.randn(6, *model.latent_shape)
+        with torch.no_grad():
+            z = model.prior.to_z(u)
+            back, logdet = model.prior.to_u(z)
+            torch.testing.assert_close(back, u, rtol=0, atol=1e-5)
+            want = torch.distributions.Normal(0.0, 1.0).log_prob(back).flatten(1).sum(1) + logdet
+            torch.testing.assert_close(model.prior.log_prob(z), want)
+    prior = vae.build_model(arch, 64, **TINY).prior
+    mu, logvar = torch.randn(6, 4), torch.randn(6, 4)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    want = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(1)
+    torch.testing.assert_close(prior.kl(mu, logvar, None, None), want)
 
 
 # ============================================================================ Part 2: ES-MDA
@@ -807,6 +828,15 @@ def test_not_hdf5_and_truncated(tmp_path, capsys):
         assert_clean_error(code, err, name, "not a readable HDF5 file")
 
 
+def test_a_folder_where_a_file_belongs(tmp_path, capsys):
+    (tmp_path / "folder.h5").mkdir()
+    code, _, err = run_main(["--arch", "dense", "--data", tmp_path / "folder.h5", "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, "folder.h5", "is a folder, not a file")
+    (tmp_path / "o" / "model.pt").mkdir(parents=True)
+    code, _, err = run_main(["--arch", "dense", "--out", tmp_path / "o", "--evaluate"], capsys)
+    assert_clean_error(code, err, "model.pt", "is a folder, not a model file")
+
+
 def test_missing_key_lists_keys(tmp_path, capsys):
     with h5py.File(tmp_path / "k.h5", "w") as f:
         f.create_dataset("images", data=np.zeros((4, 128, 128), np.uint8))
@@ -873,8 +903,9 @@ def test_zero_images_and_less_than_a_batch(tmp_path, capsys):
     (["--batch-size", "0"], "argument --batch-size"),
     (["--widths", "8,x"], "argument --widths"),
     (["--arch", "mlp"], "argument --arch"),
-    (["--latent-dim", "1"], "argument --prior flow"),
-    (["--arch", "fullyconv", "--latent-channels", "1"], "argument --prior flow"),
+    (["--latent-dim", "1"], "a flow prior couples half"),
+    (["--arch", "fullyconv", "--latent-channels", "1"], "a flow prior couples half"),
+    (["--widths", "8,8,8,8,8,8,8"], "divisible by 2^7"),
     (["--prior", "normal"], "argument --prior"),
     (["--prior", "posthoc"], "argument --prior"),
     (["--wells", "0"], "argument --wells"),
@@ -907,7 +938,7 @@ def test_resume_with_bad_checkpoints(tmp_path, capsys):
     state = {"epoch": 1, "step": 0, "sums": [0.0, 0.0], "seconds": 1.0, "history": {}}
     vae.save_checkpoint(tmp_path / "fc.pt", model, torch.optim.Adam(model.parameters()), args, state, CPU)
     code, _, err = run_main(["--arch", "dense", *base, "--resume", tmp_path / "fc.pt"], capsys)
-    assert_clean_error(code, err, "checkpoint has arch fullyconv", "asks for dense")
+    assert_clean_error(code, err, "holds a model with arch fullyconv", "asks for dense")
 
 
 class Payload:                       # a pickled object: loading it could run code
@@ -923,6 +954,50 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path, capsys):
                                "--resume", tmp_path / "evil.pt"], capsys)
     assert_clean_error(code, err, "evil.pt", "pickled Python objects")
     assert "this ran while loading" not in out + err
+
+
+def test_corrupt_model_file_and_plain_pickle_with_code(tmp_path, capsys):
+    # random bytes are a corrupt file, not "pickled objects"; a plain pickle that would run
+    # code on loading is refused as such, and nothing in it runs
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "model.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    code, _, err = run_main(["--arch", "dense", "--out", out, "--evaluate"], capsys)
+    assert_clean_error(code, err, "model.pt", "corrupt or not a PyTorch file")
+    assert "pickled" not in err
+    with open(out / "model.pt", "wb") as f:
+        pickle.dump({"config": {}, "evil": Payload()}, f)
+    code, stdout, err = run_main(["--arch", "dense", "--out", out, "--evaluate"], capsys)
+    assert_clean_error(code, err, "model.pt", "pickled Python objects")
+    assert "this ran while loading" not in stdout + err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    code, _, err = run_main(["--arch", "dense", "--device", "cuda", "--out", tmp_path], capsys)
+    want = "CPU-only build" if torch.version.cuda is None else "finds no usable GPU"
+    assert_clean_error(code, err, "--device cuda", want, "--device cpu")
+    code, _, err = run_main(["--arch", "dense", "--device", "tpu9", "--out", tmp_path], capsys)
+    assert_clean_error(code, err, "--device tpu9", "not a device name")
+
+
+def test_help_prints_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        vae.parse_args(["--help"])
+    entries = {}                                # "--flag" -> its help text, lines joined
+    for line in capsys.readouterr().out.split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif entries:
+            entries[flag] += " " + line.strip()
+    assert "(default: None)" not in " ".join(entries.values())
+    for flag, default in (("--epochs", "28"), ("--batch-size", "128"), ("--seed", "0"),
+                          ("--lr", "0.002"), ("--widths", "16,32,64,128"), ("--prior", "flow")):
+        assert entries[flag].count("default") == 1 and f"(default: {default})" in entries[flag], entries[flag]
+    for flag in ("--size", "--data", "--out", "--resume", "--grid"):   # said in words, once
+        assert entries[flag].count("default") == 1, entries[flag]
+    assert "Required, except with --compare-data" in entries["--arch"]
 
 
 def test_unwritable_out_fails_before_training(tmp_path, capsys):
@@ -952,7 +1027,7 @@ def test_main_end_to_end_evaluate_sample_and_condition(tmp_path, capsys, arch):
     assert metrics["neg_iwae"] <= metrics["neg_elbo"] + 1.0
     assert 0 <= metrics["real_recon_accuracy"] <= 1         # the 13 real images were found
     assert ("large_field" in metrics) == (arch == "fullyconv")
-    assert vae.load_model(out / "model.pt").prior is not None
+    assert vae.load_model(out / "model.pt").prior.name == "flow"
     assert "flow prior" in (tmp_path / "res" / "comparison.md").read_text()
     assert (tmp_path / "res" / "samples_side_by_side.png").is_file()
     (out / "samples.png").unlink()
@@ -975,7 +1050,7 @@ def test_main_end_to_end_evaluate_sample_and_condition(tmp_path, capsys, arch):
         assert code == 0, err
         assert vae.load_images(out / "samples.h5", size=128).shape == (5, 1, 128, 128)
     code, _, err = run_main(argv + ["--evaluate", "--size", "128"], capsys)
-    assert_clean_error(code, err, "trained at 64x64", "drop --size 128")
+    assert_clean_error(code, err, "holds a model with size 64", "asks for 128")
     code, stdout, err = run_main(argv + ["--condition", "--wells", "8", "--assimilations", "3"], capsys)
     assert code == 0, err
     cond = json.loads((out / "conditioning.json").read_text())
@@ -1000,7 +1075,7 @@ def test_gaussian_prior_lands_in_its_own_folder(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     out = Path("results") / "dense-gaussian"
     assert (out / "model.pt").is_file() and not Path("results/dense").exists()
-    assert vae.load_model(out / "model.pt").prior is None
+    assert vae.load_model(out / "model.pt").prior.name == "gaussian"
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["samples"]) == {"gaussian", "posterior"}
 
@@ -1010,8 +1085,12 @@ def test_benchmark_flag_writes_json(tmp_path, capsys, monkeypatch):
     code, out, err = run_main(["--arch", "fullyconv", "--benchmark", "--batch-size", "8",
                                "--widths", "8,16,16,16", "--out", tmp_path], capsys)
     assert code == 0, err
-    capability = torch.backends.cpu.get_cpu_capability().lower()
-    saved = json.loads((tmp_path / "benchmark.json").read_text())[f"fullyconv_cpu_{capability}"]
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    # the key names the machine, so another CPU, or this one capped to AVX2, gets its own entry
+    capability = torch.backends.cpu.get_cpu_capability()
+    key = f"fullyconv, {vae.device_name(CPU)}, {capability}, {torch.get_num_threads()} threads"
+    assert list(saved) == [key]
+    saved = saved[key]
     for key in ("train_img_per_s", "sample_img_per_s", "forward_flops_per_image", "train_gflops_per_s",
                 "matmul_peak_gflops_per_s", "fraction_of_peak", "device", "torch"):
         assert key in saved, key

@@ -3,36 +3,25 @@ Variational autoencoders that draw new images of meandering channels from random
 
     python vae.py --arch dense        # conv encoder/decoder joined by dense layers: z is a vector
     python vae.py --arch fullyconv    # no dense layer anywhere: z is a small image
-    python -m pytest -q test_vae.py
 
-and, once a model is trained:
+The data: 128x128 binary images of channel facies (1 = channel, 0 = background), halved to
+64x64 by default; without data/train_images.h5, a synthetic stand-in generated once.
 
-    python vae.py --arch dense --sample 500    # 500 new images -> results/dense/samples.h5
-    python vae.py --arch dense --condition     # ES-MDA: condition samples on wells
-    python vae.py --arch dense --evaluate      # metrics and figures again, from model.pt
-    python vae.py --arch dense --benchmark     # img/s against this machine's matmul peak
-    python vae.py --compare-data               # the synthetic stand-in against real images
-
-The data are 128x128 binary images of channel facies (1 = channel, 0 = background), by
-default downsampled to 64x64. Without data/train_images.h5 the script trains on a synthetic
-stand-in that it generates once (Part 3).
-
-How to read this file: three parts, each under a "Part" banner.
-  Part 1, the VAE: data, the two models, the ELBO, the training loop, samples and
-          interpolation. It explains `python vae.py --arch dense --prior gaussian` on its
-          own. You can stop after it.
-  Part 2, beyond the plain VAE: why N(0, I) samples break (the prior hole) and the learned
-          flow prior that fixes it (the default, --prior flow); then conditioning on wells
-          with ES-MDA, which is what the regularized latent space is for.
-  Part 3, measuring and plumbing: the synthetic stand-in, realism metrics against a noise
-          floor, comparison.md, the benchmark, files and checkpoints, Ctrl-C, main().
-Measured figures live in the README, not here; comments point to its sections by name.
+Three parts, each under a "Part" banner:
+  Part 1, the VAE: data, the two models, the ELBO, training, samples and interpolation: all
+          of `python vae.py --arch dense --prior gaussian`. You can stop after it.
+  Part 2, beyond the plain VAE: the learned flow prior (the default) that fixes the prior
+          hole, and conditioning on wells with ES-MDA, what the latent space is for.
+  Part 3, measuring and plumbing: the synthetic stand-in, reading files, realism metrics,
+          evaluation, reports, the benchmark, checkpoints and Ctrl-C, the command line.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,7 +36,6 @@ DATA_URL = ("https://grrjnyzvhu1t.objectstorage.sa-saopaulo-1.oci.customer-oci.c
             "jflQ-fCMHmA5jLi-DdqElenJTzARdTp61YIzIDpRBI531v05mmWObjM2F1CBTIVL/n/grrjnyzvhu1t/"
             "b/General_ltrace_files/o/deep_esmda/train_images.h5")
 DEFAULT_DATA = Path("data/train_images.h5")
-KEY = "train_images"            # the one dataset in the real file
 NATIVE = 128                    # the real images are 128x128
 VAL_FRACTION = 0.05             # held-out share of the images
 
@@ -72,58 +60,12 @@ def downsample_majority(x):
     return ((votes >= 3) | ((votes == 2) & (block[:, :, :, 0, :, 0] == 1))).to(torch.uint8)
 
 
-def load_images(path, size=64, chunk=2000):
-    """An HDF5 file in the real layout -> uint8 tensor (N, 1, size, size) of 0/1.
-
-    The file holds dataset 'train_images' of shape (N, S, S, 1) or (N, S, S); S = 2 * size
-    is halved by majority vote (the real file: S = 128), S = size is read as it is. It is read
-    in chunks, so 50k images are never held at full resolution or as float32."""
-    path = Path(path)
-    if size not in (64, NATIVE):
-        raise DataError(f"size must be 64 or {NATIVE}, not {size}")
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (the real data: {DATA_URL})")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    with f:
-        if KEY not in f or not isinstance(f[KEY], h5py.Dataset):
-            raise DataError(f"{path}: no dataset '{KEY}'; the file holds {sorted(f.keys())}")
-        d = f[KEY]
-        s = d.shape[1] if len(d.shape) > 1 else 0
-        if d.shape[1:] not in ((s, s, 1), (s, s)) or s not in (size, 2 * size):
-            raise DataError(f"{path}: '{KEY}' has shape {d.shape}; expected (N, S, S, 1) or "
-                            f"(N, S, S) with S = {2 * size} or {size} (--size {size})")
-        if d.shape[0] == 0:
-            raise DataError(f"{path}: '{KEY}' holds zero images")
-        out = torch.empty((d.shape[0], 1, size, size), dtype=torch.uint8)
-        levels = set()                      # the two values the file uses: {0, 1} or {0, 255}
-        for i in range(0, d.shape[0], chunk):
-            try:
-                a = d[i:i + chunk].reshape(-1, 1, s, s)
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path}: not a readable HDF5 file, images {i}+ fail "
-                                f"({e})") from None
-            binary = (a == 0) | (a == 1) | (a == 255)
-            if not binary.all():
-                bad = np.unique(a[~binary])[:5].tolist()
-                raise DataError(f"{path}: the data must be binary (0/1); found values such "
-                                f"as {bad}")
-            levels |= {v for v in (1, 255) if (a == v).any()}
-            if levels == {1, 255}:
-                raise DataError(f"{path}: the data must be binary; found three levels 0, 1 and 255")
-            t = torch.from_numpy((a > 0).astype(np.uint8))
-            out[i:i + len(a)] = downsample_majority(t) if s > size else t
-        if levels == {255}:
-            print(f"warning: {path}: values are 0/255 (an image mask); reading 255 as 1",
-                  file=sys.stderr)
-    return out
-
-
 def get_data(path, size, log=print):
-    """(images (N, 1, size, size) uint8, the file they came from). An explicit path must
-    exist; the default path falls back to the synthetic stand-in (Part 3), made once."""
+    """-> (images, the file they came from); images: uint8 (N, 1, size, size) of 0/1.
+
+    An explicit path must exist. The default path falls back to the synthetic stand-in,
+    generated once by synthetic_data() (Part 3). load_images (Part 3) reads the file in
+    chunks, checks its layout and values, and halves 128x128 images with the vote above."""
     if path is not None:
         return load_images(path, size), Path(path)
     if DEFAULT_DATA.is_file():
@@ -135,15 +77,15 @@ def get_data(path, size, log=print):
 def split(images, seed):
     """A random train/validation split -> (train, held-out). Caveat: the real images include
     shifted near-copies of one another, so a random split leaks near-duplicates into
-    validation, and held-out scores are optimistic (README, "The data")."""
+    validation, and held-out scores are optimistic."""
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(VAL_FRACTION * len(images)))
     return images[order[n_val:]], images[order[:n_val]]
 
 
 def to_float(batch, device):
-    """uint8 (B, 1, S, S) -> float32 on the device, one batch at a time. channels_last
-    (NHWC) memory lets oneDNN pick its fastest CPU convolutions (README, "Speed and memory")."""
+    """uint8 (B, 1, S, S) -> float32 on the device, one batch at a time, so the 50k images
+    stay uint8 (200 MB). channels_last memory lets oneDNN pick its fastest CPU kernels."""
     return batch.to(device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
 
 
@@ -200,7 +142,6 @@ class DenseVAE(nn.Module):
         self.expand = nn.Sequential(nn.Linear(latent_dim, feat), nn.ReLU())   # (B, 2048)
         self.decoder = decoder_trunk(widths)                # (B, 1, 64, 64)
         self.size, self.widths = size, widths
-        self.prior = None                                   # N(0, I); Part 2 learns a flow
 
     def encode(self, x):
         h = self.encoder(x).flatten(1)                      # (B, 2048)
@@ -232,7 +173,6 @@ class FullyConvVAE(nn.Module):
                                     nn.BatchNorm2d(widths[-1]), nn.ReLU())  # (B, 128, 4, 4)
         self.decoder = decoder_trunk(widths)                # (B, 1, 64, 64)
         self.size, self.widths = size, widths
-        self.prior = None                                   # N(0, I); Part 2 learns a flow
 
     def encode(self, x):
         h = self.encoder(x)                                 # (B, 128, 4, 4)
@@ -243,21 +183,6 @@ class FullyConvVAE(nn.Module):
 
 
 ARCHS = {"dense": DenseVAE, "fullyconv": FullyConvVAE}
-
-
-def build_model(arch, size=64, prior="gaussian", **kwargs):
-    """A VAE with encode(x) -> (mu, logvar), decode(z) -> logits, latent_shape, and prior:
-    None for N(0, I), or with prior="flow" the learned flow of Part 2."""
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {list(ARCHS)}, not {arch!r}")
-    widths = kwargs.get("widths", WIDTHS)
-    if size % 2 ** len(widths):
-        raise ValueError(f"size {size} must be divisible by 2^{len(widths)} (one halving per "
-                         f"width)")
-    model = ARCHS[arch](size=size, **kwargs)
-    if prior == "flow":
-        attach_flow_prior(model)
-    return model
 
 
 # ----------------------------------------------------------------------------- loss
@@ -273,14 +198,19 @@ def build_model(arch, size=64, prior="gaussian", **kwargs):
 # Both terms are summed over the image / the latent and averaged over the batch, so the
 # numbers are nats per image. beta weights the KL (beta = 1 is the true ELBO).
 
+def bernoulli_nll(logits, x):
+    """-log p(x|z) for binary x, summed over pixels: (B, 1, S, S) -> (B,)"""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
 def gaussian_kl(mu, logvar):
     """KL(N(mu, exp(logvar)) || N(0, 1)) summed over all latent elements: (B, ...) -> (B,)"""
     return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).flatten(1).sum(1)
 
 
-def bernoulli_nll(logits, x):
-    """-log p(x|z) for binary x, summed over pixels: (B, 1, S, S) -> (B,)"""
-    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+def standard_normal_logpdf(z):
+    """log N(z; 0, I) summed over all latent elements: (B, ...) -> (B,)"""
+    return (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
 
 
 def reparameterize(mu, logvar, generator=None):
@@ -293,24 +223,80 @@ def reparameterize(mu, logvar, generator=None):
     return mu + eps * torch.exp(0.5 * logvar), eps
 
 
+class StandardNormal(nn.Module):
+    """The plain VAE's prior p(z) = N(0, I). Every prior in this file has this interface:
+    a Gaussian u ~ N(0, I) lies beneath it, and
+      to_z(u) -> z                      (sampling: z = u here)
+      to_u(z) -> (u, log|det du/dz|)    (back to the Gaussian: u = z, log-det 0 here)
+      log_prob(z) -> (B,)
+      kl(mu, logvar, z, eps) -> (B,)    KL(q(z|x) || p(z)), here in closed form.
+    Part 2's learned flow prior has the same methods, so nothing else asks which it is."""
+    name = "gaussian"
+    title = "N(0, I)"
+
+    def to_z(self, u):
+        return u
+
+    def to_u(self, z):
+        return z, torch.zeros(len(z), device=z.device)
+
+    def log_prob(self, z):
+        return standard_normal_logpdf(z)
+
+    def kl(self, mu, logvar, z, eps):
+        return gaussian_kl(mu, logvar)             # z and eps are not needed: closed form
+
+
 def neg_elbo(model, x, beta=1.0):
     """x (B, 1, S, S) -> (loss, rec, kl), each averaged over the batch, in nats per image."""
     mu, logvar = model.encode(x)                    # (B, *latent_shape) each
     z, eps = reparameterize(mu, logvar)             # one sample per image
     logits = model.decode(z)                        # (B, 1, S, S)
-    if model.prior is None:
-        kl = gaussian_kl(mu, logvar)                # (B,) closed form
-    else:
-        kl = monte_carlo_kl(model.prior, z, eps, logvar)   # a flow prior: Part 2
+    kl = model.prior.kl(mu, logvar, z, eps)         # (B,)
     rec, kl = bernoulli_nll(logits, x).mean(), kl.mean()
     return rec + beta * kl, rec, kl
+
+
+def train_step(model, opt, x, beta, lr):
+    """One optimizer step on a batch x (B, 1, S, S) -> (loss, rec, kl) before the step."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss, rec, kl = neg_elbo(model, x, beta)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss, rec, kl
+
+
+def build_model(arch, size=64, prior="gaussian", seed=0, **kwargs):
+    """A VAE with encode(x) -> (mu, logvar), decode(z) -> logits, latent_shape, and .prior:
+    StandardNormal(), or with prior="flow" the learned FlowPrior of Part 2. The flow's
+    random init uses its own seed and leaves the global RNG untouched, so the VAE's own
+    init and noise are the same with either prior. kwargs: widths, latent_dim (dense),
+    latent_channels (fullyconv). Bad settings raise ValueError."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {list(ARCHS)}, not {arch!r}")
+    widths = kwargs.get("widths", WIDTHS)
+    if size % 2 ** len(widths):
+        raise ValueError(f"size {size} must be divisible by 2^{len(widths)} (one halving per "
+                         f"width)")
+    model = ARCHS[arch](size=size, **kwargs)
+    if prior == "flow":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.prior = FlowPrior(model.latent_shape, FLOW_HIDDEN[arch])   # Part 2
+    else:
+        model.prior = StandardNormal()
+    return model
 
 
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, total, lr):
-    """Learning-rate warm-up: linear over the first 200 steps (or 10% of a short run), then a cosine
-    decay to 5% of lr at the end: big steps early, fine ones to settle the decoder."""
+    """Linear warm-up over the first 200 steps (about half an epoch at the defaults; 10% of a
+    shorter run), so that Adam's running averages settle before full-size steps, then a
+    cosine decay to 5% of lr: big steps early, small ones to settle the decoder at the end.
+    The 200 and the 5% are chosen, not tuned."""
     warmup = min(200, total // 10)
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -338,104 +324,46 @@ def validate(model, images, device, beta, batch_size=500):
     return (total / len(images)).tolist()
 
 
-class TrainingDiverged(Exception):
-    """The loss became NaN or inf."""
-
-
-HISTORY = ("epoch", "train_rec", "train_kl", "val_rec", "val_kl", "val_loss", "beta", "lr",
-           "images_seen", "seconds")
-
-
 def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print):
-    """Train in place with Adam; returns the history, a list per HISTORY key (one per epoch;
-    beta and lr are the epoch's last). args: batch_size, epochs, lr, beta, warmup, seed.
-
-    train_x, val_x: uint8 (N, 1, S, S). A checkpoint is saved after every epoch and on
-    Ctrl-C (Part 3); with resume (a loaded checkpoint) training continues where it stopped."""
+    """Train in place with Adam -> the history: a list per HISTORY key, one entry per epoch.
+    args: batch_size, epochs, lr, beta, warmup, seed. train_x, val_x: uint8 (N, 1, S, S)."""
     bs = args.batch_size
-    steps_per_epoch = len(train_x) // bs
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = round(args.warmup * steps_per_epoch)
+    steps = len(train_x) // bs                                  # per epoch
+    total_steps = steps * args.epochs
+    warmup_steps = round(args.warmup * steps)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    # where training stands: everything a checkpoint must hold to continue exactly
-    state = {"epoch": 0, "step": 0, "sums": [0.0, 0.0], "seconds": 0.0,
-             "history": {k: [] for k in HISTORY}}
-    if resume is not None:
-        state = restore_checkpoint(resume, model, opt, device)
-        log(f"resumed at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}"
-            if state["epoch"] < args.epochs else
-            f"resumed: the checkpoint has finished all {args.epochs} epochs")
-    history, sums, elapsed = state["history"], state["sums"], state["seconds"]
     model.train()
-    t_start = t_log = time.perf_counter()
-    seen_log = 0
-
-    def save(epoch, step):
-        state.update(epoch=epoch, step=step, seconds=elapsed + time.perf_counter() - t_start)
-        save_checkpoint(ckpt_path, model, opt, args, state, device)
-
-    with CtrlCFlag(log) as ctrl_c:
-        log(f"training {args.epochs - state['epoch']} epochs of {steps_per_epoch} steps "
-            f"(Ctrl-C saves a checkpoint; --resume continues)")
-        for epoch in range(state["epoch"], args.epochs):
-            # The data order of epoch e is a function of (seed, e) only, so a resumed run
-            # sees the same batches as an uninterrupted one.
+    # The Bookkeeper (Part 3) does the plumbing: it resumes from a checkpoint, logs progress
+    # with an ETA, stops on a NaN loss, and saves a checkpoint every epoch and on Ctrl-C.
+    with Bookkeeper(model, opt, args, steps, ckpt_path, resume, device, log) as book:
+        for epoch in range(book.epoch, args.epochs):
+            # the data order of epoch e depends on (seed, e) only, so a resumed run sees
+            # the same batches as an uninterrupted one
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
             order = torch.randperm(len(train_x), generator=g).to(train_x.device)
-            for s in range(state["step"], steps_per_epoch):
-                step = epoch * steps_per_epoch + s
-                lr, beta = lr_at(step, total_steps, args.lr), beta_at(step, warmup_steps, args.beta)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                x = to_float(train_x[order[s * bs:(s + 1) * bs]], device)    # (B, 1, S, S)
-                loss, rec, kl = neg_elbo(model, x, beta)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {loss.item()} at epoch {epoch + 1}, step {s}; the last "
-                        f"good checkpoint {ckpt_path} is kept. Try a lower --lr (now {args.lr}) "
-                        f"or a longer KL warm-up, --warmup (now {args.warmup})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sums[0] += rec.item()
-                sums[1] += kl.item()
-                seen_log += bs
-                now = time.perf_counter()
-                if now - t_log > 30 or s == steps_per_epoch - 1:      # progress, every 30 s
-                    rate = seen_log / (now - t_log)
-                    left = (total_steps - step - 1) * bs / rate
-                    log(f"epoch {epoch + 1}/{args.epochs} step {s + 1}/{steps_per_epoch}  "
-                        f"rec {rec.item():7.1f}  kl {kl.item():6.1f} nats/img  beta {beta:.2f}  "
-                        f"{rate:5.0f} img/s  ETA {left / 60:5.1f} min")
-                    t_log, seen_log = now, 0
-                if ctrl_c.pressed:
-                    save(epoch, s + 1)
-                    raise Interrupted(f"saved {ckpt_path} at epoch {epoch + 1}, step {s + 1}")
-            val_loss, val_rec, val_kl = validate(model, val_x, device, args.beta)
-            seconds = elapsed + time.perf_counter() - t_start
-            row = (epoch + 1, sums[0] / steps_per_epoch, sums[1] / steps_per_epoch, val_rec,
-                   val_kl, val_loss, beta, lr, (epoch + 1) * steps_per_epoch * bs, seconds)
-            for key, value in zip(HISTORY, row):
-                history[key].append(value)
-            log(f"epoch {epoch + 1} done: validation -ELBO {val_loss:.1f} = rec {val_rec:.1f} "
-                f"+ kl {val_kl:.1f} nats/img ({seconds / 60:.1f} min)")
-            sums[:] = [0.0, 0.0]
-            state["step"] = 0
-            save(epoch + 1, 0)
-    return history
+            for s in range(book.step, steps):
+                i = epoch * steps + s
+                lr, beta = lr_at(i, total_steps, args.lr), beta_at(i, warmup_steps, args.beta)
+                x = to_float(train_x[order[s * bs:(s + 1) * bs]], device)     # (B, 1, S, S)
+                loss, rec, kl = train_step(model, opt, x, beta, lr)
+                book.step_done(epoch, s, loss, rec, kl, beta, lr)
+            book.epoch_done(epoch, validate(model, val_x, device, args.beta))
+    return book.history
 
 
 # ----------------------------------------------------------------------------- samples
-# The product: new images from random latents. Draw u ~ N(0, I) and decode z = u (with the
-# learned prior of Part 2, z = f(u)). Figures show decoder probabilities, channel yellow.
+# The product: new images from random latents. Draw u ~ N(0, I) and decode z = to_z(u)
+# (z = u for N(0, I); z = f(u) for Part 2's flow). Figures show decoder probabilities,
+# channel yellow.
 
+@torch.no_grad()
 def sample_latents(model, n, generator=None, grid=None):
     """n latents from the model's prior -> (n, *latent_shape) on the model's device.
     grid (fullyconv only) draws a latent grid of another size, e.g. (8, 8) for a field
     twice as wide and tall."""
     shape = model.latent_shape if grid is None else (model.latent_shape[0], *grid)
     u = torch.randn(n, *shape, generator=generator).to(next(model.parameters()))  # its device
-    return prior_map(model, u)                     # z = u for N(0, I); z = f(u) for a flow
+    return model.prior.to_z(u)
 
 
 @torch.no_grad()
@@ -469,15 +397,28 @@ def slerp(u0, u1, steps):
     return path.view(steps, *u0.shape)
 
 
-def show_grid(rows, path, title, row_labels=None, panel=1.3):
+@torch.no_grad()
+def interpolate(model, ends, steps, device):
+    """Decoded spherical paths between latents: ends (2, P, *latent) holds P starts and P
+    ends -> probabilities (steps, P, 1, S, S). The path runs in the Gaussian u = to_u(z),
+    where the prior is N(0, I) and slerp's argument holds; each point goes back through
+    to_z to be decoded."""
+    u = model.prior.to_u(ends.flatten(0, 1).to(device))[0].cpu().view(ends.shape)
+    path = slerp(u[0], u[1], steps)                              # (steps, P, *latent)
+    z = model.prior.to_z(path.flatten(0, 1).to(device))
+    return decode_probs(model, z, device).view(steps, ends.shape[1], 1, model.size, model.size)
+
+
+def show_grid(rows, path, title, row_labels=None, panel=1.3, gap=0.0, panel_titles=None):
     """rows: list of (N, 1, H, W) tensors in [0, 1], one per figure row -> PNG at path.
-    Channels yellow on blue (viridis), as in the data's own pictures."""
+    Channels yellow on blue (viridis), as in the data's own pictures. gap: space between
+    panels, as a fraction of a panel; panel_titles: per row, None or a title per panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ncol = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(panel * ncol, panel * len(rows) + 0.5),
-                             squeeze=False)
+                             squeeze=False, gridspec_kw={"wspace": gap, "hspace": gap})
     for i, row in enumerate(rows):
         for j in range(ncol):
             ax = axes[i, j]
@@ -485,13 +426,16 @@ def show_grid(rows, path, title, row_labels=None, panel=1.3):
             if j < len(row):
                 ax.imshow(row[j, 0].float().numpy(), cmap="viridis", vmin=0, vmax=1,
                           interpolation="nearest")
+                if panel_titles and panel_titles[i]:
+                    ax.set_title(panel_titles[i][j], fontsize=7)
             else:
                 ax.axis("off")
         if row_labels:
             axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    if not gap:
+        fig.tight_layout()
+    save_figure(fig, path)                  # Part 3: written atomically, then closed
 
 
 @torch.no_grad()
@@ -501,19 +445,15 @@ def sample_figures(model, val_x, out, device, note, seed=0):
     g = torch.Generator().manual_seed(seed)
     probs = decode_probs(model, sample_latents(model, 48, g), device)        # (48, 1, S, S)
     show_grid(list(probs.view(6, 8, *probs.shape[1:])), out / "samples.png",
-              f"{note}: decoder probabilities of 48 draws from {prior_name(model)}")
+              f"{note}: decoder probabilities of 48 draws from {model.prior.title}")
 
-    # interpolation between two encoded held-out images (ends shown), then between two
-    # prior draws; paths run in the Gaussian u (u = z for N(0, I); Part 2 for a flow)
-    k = min(4, len(val_x) // 2)                                    # held-out pairs
-    u_held = to_gaussian(model, encode_all(model, val_x[:2 * k], device)[0])  # (2k, *latent)
-    # ends[0] are the starts, ends[1] the ends: held-out image r -> image k + r, then two
-    # random pairs; (2, k + 2, *latent)
-    ends = torch.cat([u_held.view(2, k, *model.latent_shape),
-                      torch.randn(2, 2, *model.latent_shape, generator=g)], 1)
-    path = slerp(ends[0], ends[1], 10)                             # (10, k + 2, *latent)
-    frames = decode_probs(model, prior_map(model, path.flatten(0, 1)), device)
-    frames = frames.view(10, k + 2, *probs.shape[1:])
+    # interpolation: held-out image r -> held-out image k + r (their codes, ends shown), then
+    # two pairs of prior draws
+    k = min(4, len(val_x) // 2)
+    z_held = encode_all(model, val_x[:2 * k], device)[0].view(2, k, *model.latent_shape)
+    z_prior = sample_latents(model, 4, g).cpu().view(2, 2, *model.latent_shape)
+    ends = torch.cat([z_held, z_prior], 1)                          # (2, k + 2, *latent)
+    frames = interpolate(model, ends, 10, device)                    # (10, k + 2, 1, S, S)
     rows = [frames[:, r] for r in range(k + 2)]
     for r in range(k):                                             # the real ends, for reference
         rows[r] = torch.cat([val_x[r:r + 1].float(), rows[r], val_x[k + r:k + r + 1].float()])
@@ -522,7 +462,7 @@ def sample_figures(model, val_x, out, device, note, seed=0):
               f"then prior draw -> prior draw)", row_labels=["held-out"] * k + ["prior"] * 2)
 
     rows, labels = [], []
-    real = real_reference(val_x.shape[-1])                         # None when missing
+    real = real_reference(val_x.shape[-1])     # Part 3: 13 real images, None when missing
     for x, name in ((val_x[:8], "held-out"), (val_x[8:16], "held-out"),
                     (real[:8] if real is not None else val_x[:0], "real")):
         if len(x):
@@ -532,14 +472,10 @@ def sample_figures(model, val_x, out, device, note, seed=0):
               f"{note}: inputs and reconstructions from the posterior mean", row_labels=labels)
 
 
-def prior_name(model):
-    return "N(0, I)" if model.prior is None else "the learned flow prior z = f(u), u ~ N(0, I)"
-
-
 # What `python vae.py --arch dense --prior gaussian` does with all of the above (run() in
-# Part 3 holds the plumbing): build_model -> get_data -> split -> train -> save_model ->
-# sample_figures, then Part 3's figures, evaluate and comparison.md -> results/dense-gaussian/.
-# Without --prior gaussian it trains Part 2's flow prior with the VAE: the default.
+# Part 3 holds the plumbing): get_data -> split -> build_model -> train -> sample_figures,
+# then Part 3's evaluation and reports -> results/dense-gaussian/. Without --prior gaussian
+# the same steps train Part 2's flow prior with the VAE: the default.
 #
 # ---------------------------------------------------------------------------------------------
 # You can stop here: that is the whole VAE. Part 2 replaces the N(0, I) prior with a learned
@@ -555,8 +491,8 @@ def prior_name(model):
 # Why N(0, I) samples break: the KL term pulls each image's posterior q(z|x) towards N(0, I),
 # but the codes of all images together (the aggregate posterior q(z)) fill only part of that
 # ball, a thin curved region. Random z ~ N(0, I) also land in the holes around it, which the
-# decoder never saw, and decode to broken channels (the "prior hole"; README, "The learned
-# prior"). A normalizing flow learns a prior that matches q(z) and keeps a Gaussian beneath:
+# decoder never saw, and decode to broken channels (the "prior hole"). A normalizing flow learns a prior that
+# matches q(z) and keeps a Gaussian beneath:
 #   u ~ N(0, I),   z = f(u),   f invertible.
 # Change of variables, with u = f^-1(z):
 #   log p(z) = log N(u; 0, I) + log |det du/dz|
@@ -581,7 +517,7 @@ def prior_name(model):
 # no closed form there, so it is estimated from the same sample z that the decoder sees:
 #   KL ~ log q(z|x) - log p(z),   log q(z|x) = log N(eps; 0, I) - 1/2 sum log sigma^2
 # (z = mu + sigma * eps is itself a change of variables from eps). Fitting the flow after
-# the VAE instead was measured and rejected (README, "Levers").
+# the VAE instead was measured and rejected (results/levers.md).
 
 FLOW_STEPS = 8
 FLOW_HIDDEN = {"dense": 256, "fullyconv": 64}    # width of each coupling net
@@ -635,16 +571,20 @@ class FlowStep(nn.Module):
 
 
 class FlowPrior(nn.Module):
-    """p(z) by a flow: forward(u) = f(u) = z for sampling, log_prob(z) for training."""
+    """p(z) by a flow, with StandardNormal's interface (Part 1): to_z(u) = f(u) for sampling,
+    to_u(z) = f^-1(z) with its log-determinant, log_prob(z), and the KL of q(z|x) to it."""
+    name = "flow"
+    title = "the learned flow prior z = f(u), u ~ N(0, I)"
 
     def __init__(self, latent_shape, hidden, steps=FLOW_STEPS):
         super().__init__()
         if latent_shape[0] < 2:
-            raise ValueError("a flow prior needs at least 2 latent channels to couple")
+            raise ValueError("a flow prior couples half of the latent channels to the other "
+                             "half, so it needs at least 2 (got 1); or use --prior gaussian")
         self.steps = nn.ModuleList(FlowStep(latent_shape[0], hidden, len(latent_shape) > 1)
                                    for _ in range(steps))
 
-    def inverse(self, z):
+    def to_u(self, z):
         """u = f^-1(z): z (B, C, *grid) -> u of the same shape, and log|det du/dz| (B,)"""
         logdet = torch.zeros(len(z), device=z.device)
         for step in self.steps:
@@ -652,7 +592,7 @@ class FlowPrior(nn.Module):
             logdet = logdet + ld
         return z, logdet
 
-    def forward(self, u):
+    def to_z(self, u):
         """z = f(u): u (B, C, *grid) -> z of the same shape"""
         for step in reversed(self.steps):
             u = step.to_z(u)
@@ -660,52 +600,18 @@ class FlowPrior(nn.Module):
 
     def log_prob(self, z):
         """log p(z) (B,) by the change of variables above."""
-        u, logdet = self.inverse(z)
+        u, logdet = self.to_u(z)
         return standard_normal_logpdf(u) + logdet
 
-
-def standard_normal_logpdf(z):
-    """log N(z; 0, I) summed over all latent elements: (B, ...) -> (B,)"""
-    return (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+    def kl(self, mu, logvar, z, eps):
+        """One-sample estimate of KL(q(z|x) || p(z)) at z = mu + sigma * eps: (B,).
+        Unbiased: its mean over eps is the KL."""
+        return log_q(eps, logvar) - self.log_prob(z)
 
 
 def log_q(eps, logvar):
     """log q(z|x) at z = mu + sigma * eps, summed over latent elements: (B, ...) -> (B,)"""
     return standard_normal_logpdf(eps) - 0.5 * logvar.flatten(1).sum(1)
-
-
-def monte_carlo_kl(prior, z, eps, logvar):
-    """One-sample estimate of KL(q(z|x) || p(z)) at z = mu + sigma * eps: (B,).
-    Unbiased: its mean over eps is the KL."""
-    return log_q(eps, logvar) - prior.log_prob(z)
-
-
-def attach_flow_prior(model, seed=0):
-    """Give model a FlowPrior. Its random init uses its own seed and leaves the global RNG
-    untouched, so the VAE's own init and noise are the same with or without a flow."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.prior = FlowPrior(model.latent_shape, FLOW_HIDDEN[model.arch])
-    return model.prior
-
-
-@torch.no_grad()
-def prior_map(model, u, batch_size=1000):
-    """z = f(u) in batches: (N, *latent) -> (N, *latent); the identity for N(0, I)."""
-    if model.prior is None:
-        return u
-    device = next(model.parameters()).device
-    return torch.cat([model.prior(u[i:i + batch_size].to(device))
-                      for i in range(0, len(u), batch_size)])
-
-
-@torch.no_grad()
-def to_gaussian(model, z):
-    """u = f^-1(z): the Gaussian variable behind latents z (N, *latent), on the CPU; z itself
-    for N(0, I). Interpolation and ES-MDA work on u, where the prior is N(0, I)."""
-    if model.prior is None:
-        return z
-    return model.prior.inverse(z.to(next(model.parameters()).device))[0].cpu()
 
 
 # ------------------------------------------------------------------ conditioning on wells
@@ -772,8 +678,8 @@ def condition_on_wells(model, truth, device, n_wells=16, members=MEMBERS, obs_sd
     d_obs = truth.flatten()[flat].float().to(device)                  # (K,) 0 or 1
 
     def decode(m):                                                    # (N, P) -> (N, 1, S, S)
-        z = prior_map(model, m.view(len(m), *model.latent_shape))
-        return torch.sigmoid(model.decode(z.to(device)))
+        z = model.prior.to_z(m.view(len(m), *model.latent_shape))
+        return torch.sigmoid(model.decode(z))
 
     def forward(m):                                                   # g(m): (N, P) -> (N, K)
         return decode(m).flatten(1)[:, flat.to(device)]
@@ -823,7 +729,7 @@ def conditioning_study(model, val_x, device, n_wells=16, obs_sd=OBS_SD,
             f"{post['pieces_mean']:.2f}, spread ratio {cases[-1]['spread_ratio']:.2f}")
     summary = {"truths": TRUTHS, "wells": n_wells, "members": MEMBERS, "obs_sd": obs_sd,
                "assimilations": assimilations, "inflation": inflation_factors(assimilations),
-               "prior": model_config(model)["prior"], "cases": cases}
+               "prior": model.prior.name, "cases": cases}
     for key, worst in (("wells_honoured", min), ("blur", max), ("pieces_mean", max),
                        ("spanning_mean", min), ("proportion", min)):
         for ens in ("prior", "posterior"):
@@ -837,11 +743,12 @@ def conditioning_study(model, val_x, device, n_wells=16, obs_sd=OBS_SD,
 
 def conditioning_figure(truth, res, path, title):
     """The truth with its wells, then for the prior and the posterior ensemble: the mean and
-    sd of the members' facies (thresholded at 0.5) and four members. Wells: circles, filled
-    yellow where the truth has channel, blue where it has background."""
+    sd of the members' facies (thresholded at 0.5) and four members. Wells are drawn as red
+    circles where the truth has channel and white squares where it has background, each
+    with a dark or light edge, so that both stand out on both facies."""
     import matplotlib.pyplot as plt
-    wells, obs = res["wells"], res["obs"]
-    fig, axes = plt.subplots(2, 7, figsize=(7 * 1.6, 2 * 1.6 + 0.7))
+    wells, obs = res["wells"], res["obs"].bool()
+    fig, axes = plt.subplots(2, 7, figsize=(7 * 1.6 + 0.9, 2 * 1.6 + 1.3))
     for r, name in enumerate(("prior", "posterior")):
         members = (res[name] >= 0.5).float()                                # (N, 1, S, S)
         panels = [(truth.float(), "truth and wells"), (members.mean(0), f"{name} mean"),
@@ -849,26 +756,36 @@ def conditioning_figure(truth, res, path, title):
         panels += [(members[i], f"{name} member {i + 1}") for i in range(4)]
         for c, (img, label) in enumerate(panels):
             ax = axes[r, c]
-            ax.imshow(img[0].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-            colours = ["yellow" if o else "navy" for o in obs.tolist()]
-            ax.scatter(wells[:, 1], wells[:, 0], c=colours, edgecolors="red", s=16, linewidths=0.8)
+            shown = ax.imshow(img[0].numpy(), cmap="viridis", vmin=0, vmax=1,
+                              interpolation="nearest")
+            ax.scatter(wells[obs, 1], wells[obs, 0], marker="o", s=22, c="red",
+                       edgecolors="white", linewidths=0.8, label="well in channel (1)")
+            ax.scatter(wells[~obs, 1], wells[~obs, 0], marker="s", s=18, c="white",
+                       edgecolors="black", linewidths=0.8, label="well in background (0)")
             ax.set_title(label, fontsize=7)
             ax.set_xticks([]), ax.set_yticks([])
+    bar = fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.01)
+    bar.set_label("channel: 1 = yellow, 0 = blue\n(mean: share of members; sd doubled)",
+                  fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path)
-
-
 # =============================================================================================
 # Part 3: measuring and plumbing
 # =============================================================================================
 # ------------------------------------------------------------------ the synthetic stand-in
 # Each image is drawn like an object-based facies model: up to three channels whose
 # centrelines are leaning sine curves, x(y) = x_mid - tan(lean) (y - S/2) + amp sin(k y +
-# phase), rasterized with a constant width, younger over older. The parameter ranges come
-# from 23 re-digitized real images (lean 2-20 degrees, wavelength 120-190 px, half-amplitude
-# 10-35 px, widths 3-16 px, proportion 0.21 +- 0.06; ../shared/DATA.md) and are checked
-# against 13 of them by --compare-data (README, "The data").
+# phase), rasterized with a constant width, younger over older. What was measured on
+# re-digitized real images (13 of them are in results/real_reference.npz): 1-3 channels,
+# usually 2; leans of 2-20 degrees, median about 7; wavelengths of 120-190 px; half-amplitudes
+# of 10-35 px; widths of 3-16 px across the channel; proportion 0.21 +- 0.06. The generator
+# takes those ranges as its bounds: wavelength uniform in 120-190 px, half-amplitude clipped
+# to 10-35 px. The rest was chosen, then checked against the 13 real images by
+# --compare-data (README, "The data"): 1/2/3 channels with probability 0.15/0.55/0.30; lean
+# log-normal around 7 degrees plus per-channel noise, clipped to 1-22; half-amplitude
+# log-normal around 27 px; width log-normal around 11 px, clipped to 4-16 px.
 
 SYNTHETIC_DATA = Path("data/synthetic_train_images.h5")
 SYNTHETIC_N = 50_000            # as many images as the real file holds
@@ -984,6 +901,68 @@ def real_reference(size):
         return None
     x = torch.from_numpy(np.load(REAL_REFERENCE)["images"]).permute(0, 3, 1, 2).contiguous()
     return downsample_majority(x) if size < x.shape[-1] else x
+
+
+# ----------------------------------------------------------------------------- the data file
+KEY = "train_images"            # the one dataset in the real file
+
+
+def check_file(path, what, hint=""):
+    """A path where a file belongs: it must exist and be a file, not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a {what}")
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found{hint}")
+    return path
+
+
+def load_images(path, size=64, chunk=2000):
+    """An HDF5 file in the real layout -> uint8 tensor (N, 1, size, size) of 0/1.
+
+    The file holds dataset 'train_images' of shape (N, S, S, 1) or (N, S, S); S = 2 * size
+    is halved by majority vote (the real file: S = 128), S = size is read as it is. It is read
+    in chunks, so 50k images are never held at full resolution or as float32. Every way a
+    file can be wrong ends in a DataError that says what was found."""
+    if size not in (64, NATIVE):
+        raise DataError(f"size must be 64 or {NATIVE}, not {size}")
+    path = check_file(path, "file", f" (the real data: {DATA_URL})")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        if KEY not in f or not isinstance(f[KEY], h5py.Dataset):
+            raise DataError(f"{path}: no dataset '{KEY}'; the file holds {sorted(f.keys())}")
+        d = f[KEY]
+        s = d.shape[1] if len(d.shape) > 1 else 0
+        if d.shape[1:] not in ((s, s, 1), (s, s)) or s not in (size, 2 * size):
+            raise DataError(f"{path}: '{KEY}' has shape {d.shape}; expected (N, S, S, 1) or "
+                            f"(N, S, S) with S = {2 * size} or {size} (--size {size})")
+        if d.shape[0] == 0:
+            raise DataError(f"{path}: '{KEY}' holds zero images")
+        out = torch.empty((d.shape[0], 1, size, size), dtype=torch.uint8)
+        levels = set()                      # the two values the file uses: {0, 1} or {0, 255}
+        for i in range(0, d.shape[0], chunk):
+            try:
+                a = d[i:i + chunk].reshape(-1, 1, s, s)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: not a readable HDF5 file, images {i}+ fail "
+                                f"({e})") from None
+            binary = (a == 0) | (a == 1) | (a == 255)
+            if not binary.all():
+                bad = np.unique(a[~binary])[:5].tolist()
+                raise DataError(f"{path}: the data must be binary (0/1); found values such "
+                                f"as {bad}")
+            levels |= {v for v in (1, 255) if (a == v).any()}
+            if levels == {1, 255}:
+                raise DataError(f"{path}: the data must be binary; found three levels 0, 1 and 255")
+            t = torch.from_numpy((a > 0).astype(np.uint8))
+            out[i:i + len(a)] = downsample_majority(t) if s > size else t
+        if levels == {255}:
+            print(f"warning: {path}: values are 0/255 (an image mask); reading 255 as 1",
+                  file=sys.stderr)
+    return out
 
 
 # ----------------------------------------------------------------------------- realism metrics
@@ -1209,7 +1188,9 @@ def blur(probs):
 
 def latent_health(mu, logvar=None):
     """Codes of N images, (N, ...) -> active units (latent elements whose mean moves with the
-    image: Var_x mu(x) > 0.01) and the mismatch between the aggregate posterior and N(0, I):
+    image: Var_x mu(x) > 0.01, the threshold of Burda et al. 2015; a unit the decoder ignores
+    sits at the prior, with a variance near 0, while a used one varies on the order of 1) and
+    the mismatch between the aggregate posterior and N(0, I):
     its covariance, Cov(mu) + E[diag sigma^2], should be I, and its mean E[mu] should be 0
     (both errors scaled by 1/sqrt(d)). logvar=None: mu are samples, with no sigma^2 term."""
     m = mu.flatten(1).double()
@@ -1245,13 +1226,8 @@ def iwae_bound(model, x, k=IWAE_K):
     for _ in range(k):
         z, eps = reparameterize(mu, logvar)
         log_px = -bernoulli_nll(model.decode(z), x)
-        log_w.append(log_px + log_prior(model, z) - log_q(eps, logvar))
+        log_w.append(log_px + model.prior.log_prob(z) - log_q(eps, logvar))
     return torch.logsumexp(torch.stack(log_w), 0) - math.log(k)
-
-
-def log_prior(model, z):
-    """log p(z) under the model's prior, summed over latent elements: (B, ...) -> (B,)"""
-    return standard_normal_logpdf(z) if model.prior is None else model.prior.log_prob(z)
 
 
 @torch.no_grad()
@@ -1305,7 +1281,7 @@ def evaluate(model, train_x, val_x, device, n=1000, seed=0, log=print):
     torch.manual_seed(seed)
     held, floor_set = val_x[:n], val_x[n:2 * n]
     t0 = time.perf_counter()
-    out = {"n": n, "iwae_k": IWAE_K, "prior": model_config(model)["prior"]}
+    out = {"n": n, "iwae_k": IWAE_K, "prior": model.prior.name}
 
     # 1. likelihood under the model's prior: -ELBO (beta = 1; a Monte Carlo KL for a flow)
     #    and the importance-weighted bound, nats per image; and the KL to N(0, I) for reference
@@ -1334,13 +1310,13 @@ def evaluate(model, train_x, val_x, device, n=1000, seed=0, log=print):
         real_recon = decode_probs(model, encode_all(model, real, device)[0], device) >= 0.5
         out["real_recon_accuracy"] = (real_recon == real.bool()).float().mean().item()
 
-    # 3. latent health: active units, and how far the aggregate posterior is from the prior's
-    #    Gaussian: z itself for N(0, I); for a flow, u = f^-1(z) of one z ~ q(z|x) per image
-    out.update(latent_health(mu, logvar))
-    if model.prior is not None:
-        z = reparameterize(mu, logvar, torch.Generator().manual_seed(seed))[0]
-        health = latent_health(to_gaussian(model, z))
-        out.update({k: health[k] for k in ("agg_posterior_cov_err", "agg_posterior_mean_err")})
+    # 3. latent health: active units, and how far the aggregate posterior is from the
+    #    prior's Gaussian: u = to_u(z) of one z ~ q(z|x) per image should look like N(0, I)
+    z = reparameterize(mu, logvar, torch.Generator().manual_seed(seed))[0]
+    codes, u = latent_health(mu), latent_health(model.prior.to_u(z.to(device))[0].cpu())
+    out.update(active_units=codes["active_units"], latent_dim=codes["latent_dim"],
+               agg_posterior_cov_err=u["agg_posterior_cov_err"],
+               agg_posterior_mean_err=u["agg_posterior_mean_err"])
 
     # 4. prior samples against held-out images, and the noise floor. "posterior" decodes
     #    z ~ q(z|x) of the other n held-out images: what a prior that matched the codes
@@ -1361,9 +1337,8 @@ def evaluate(model, train_x, val_x, device, n=1000, seed=0, log=print):
 
     # 5. interpolation: 8 spherical paths of 16 steps in u between encoded held-out pairs
     pairs = min(8, len(mu) // 2)
-    ends = to_gaussian(model, mu[:2 * pairs]).view(2, pairs, *model.latent_shape)
-    path = slerp(ends[0], ends[1], 16)                                  # (16, pairs, *latent)
-    frames = decode_probs(model, prior_map(model, path.flatten(0, 1)), device) >= 0.5
+    frames = interpolate(model, mu[:2 * pairs].view(2, pairs, *model.latent_shape), 16,
+                         device) >= 0.5                                 # (16, pairs, 1, S, S)
     out["interp_step_mean"], out["interp_step_max"] = step_changes(frames.view(16, pairs, -1))
     out["seconds"] = {"likelihood": t_lik - t0, "samples": t_real - t_lik,
                       "total": time.perf_counter() - t0}
@@ -1385,33 +1360,40 @@ def more_figures(model, train_x, val_x, history, out, device, note, seed=0):
     samples = (decode_probs(model, sample_latents(model, 8, g), device) >= 0.5).to(torch.uint8)
     (ds, js), (dh, jh) = nearest(samples, train_x), nearest(val_x[:8], train_x)
     show_grid([samples.float(), train_x[js].float(), val_x[:8].float(), train_x[jh].float()],
-              out / "nearest.png", f"{note}: prior samples and held-out images, each above its "
-              f"nearest\ntraining image (median Hamming distance {ds.median():.0f} and "
-              f"{dh.median():.0f} pixels)",
-              row_labels=["prior sample", "nearest train", "held-out", "nearest train"])
+              out / "nearest.png", f"{note}\neach prior sample and held-out image above its "
+              f"nearest training image; d = Hamming distance to it in pixels",
+              row_labels=["prior sample", "nearest train", "held-out", "nearest train"],
+              panel_titles=[[f"d = {d:.0f}" for d in ds], None, [f"d = {d:.0f}" for d in dh],
+                            None])
 
     if len(model.latent_shape) > 1:        # only a fully convolutional decoder can do this
         c, h, w = model.latent_shape
         fields = decode_probs(model, sample_latents(model, 6, g, grid=(2 * h, 2 * w)), device)
         show_grid([fields[:3], fields[3:]], out / "large_field.png",
                   f"{note}: six {fields.shape[-1]}x{fields.shape[-1]} fields (4x the training "
-                  f"area)\nfrom ({c}, {2 * h}, {2 * w}) latent grids through {prior_name(model)}",
-                  panel=3.2)
+                  f"area)\nfrom ({c}, {2 * h}, {2 * w}) latent grids through {model.prior.title}",
+                  panel=3.2, gap=0.08)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, term in zip(axes, ("rec", "kl")):
-        ax.plot(history["epoch"], history[f"train_{term}"], "o-", label="train")
-        ax.plot(history["epoch"], history[f"val_{term}"], "s-", label="validation")
+        train, val = history[f"train_{term}"], history[f"val_{term}"]
+        ax.plot(history["epoch"], train, "o-", label="train")
+        ax.plot(history["epoch"], val, "s-", label="validation")
         ax.set_xlabel("epoch"), ax.set_ylabel("nats per image"), ax.legend()
-        if term == "rec":
-            ax.set_yscale("log")          # the first epoch's loss would flatten the rest
         ax.set_title({"rec": "reconstruction  -log p(x|z)", "kl": "KL(q(z|x) || p(z))"}[term])
+        if len(train) > 2:             # scale to epochs 2+: epoch 1 would flatten the rest
+            later = train[1:] + val[1:]
+            lo, hi = min(later), max(later)
+            ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+            if max(train[0], val[0]) > ax.get_ylim()[1]:
+                ax.text(0.98, 0.95, f"epoch 1 off the axis: train {train[0]:.0f}, validation "
+                        f"{val[0]:.0f}", transform=ax.transAxes, ha="right", va="top", fontsize=7)
     fig.suptitle(f"{note}: loss terms per epoch", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out / "losses.png")
 
 
-# The targets set for the prior samples (README, "Targets"), (dense, fullyconv). Realism
+# The targets set for the prior samples (results/levers.md), (dense, fullyconv). Realism
 # scores are in multiples of the noise floor; reconstruction must not fall below the runs
 # before the targets were set.
 TARGETS = {"proportion": ("data +- 5%", "data +- 5%"),
@@ -1476,6 +1458,10 @@ def write_comparison(results_dir, held, device):
                      ("interp_step_max", ".4f"), ("train_minutes", ".1f")):
         add(key, ["" if p == "posterior" or runs[f].get(key) is None else f"{runs[f][key]:{fmt}}"
                   for f, p, _ in cols])
+    add("trained on (train_minutes' hardware)",
+        ["" if p == "posterior" or not runs[f].get("train_device") else
+         f"{runs[f]['train_device']}, {runs[f].get('train_threads') or '?'} threads"
+         for f, p, _ in cols])
     n = first["n"]
     text = (f"{n} prior samples of each model against {n} held-out images; the noise floor scores "
             f"another {n} held-out images the same way. \"posterior (best case)\" decodes z ~ "
@@ -1580,12 +1566,6 @@ def benchmark(model, batch_size, device, seconds, log=print):
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     model.train()
 
-    def train_step():
-        loss = neg_elbo(model, x, 1.0)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     def timed(step, images_per_call):
         for _ in range(3):                                         # warm-up
             step()
@@ -1597,11 +1577,11 @@ def benchmark(model, batch_size, device, seconds, log=print):
         sync()
         return calls * images_per_call / (time.perf_counter() - t)
 
-    train_rate = timed(train_step, batch_size)
+    train_rate = timed(lambda: train_step(model, opt, x, 1.0, 1e-4), batch_size)   # Part 1
     model.eval()
     u = torch.randn(1000, *model.latent_shape, device=device)
     with torch.no_grad():                               # sampling = the prior's f(u), then decode
-        sample_rate = timed(lambda: torch.sigmoid(model.decode(prior_map(model, u))), len(u))
+        sample_rate = timed(lambda: torch.sigmoid(model.decode(model.prior.to_z(u))), len(u))
     peak = matmul_peak(device, min(seconds / 2, 2.0))
     achieved = 3 * flops * train_rate / 1e9
     result = {"device": device_name(device), "torch": torch.__version__,
@@ -1697,26 +1677,53 @@ def write_samples(model, n, path, device, grid=None, seed=0, batch_size=500):
 def model_config(model):
     """What build_model needs to rebuild `model`: plain values, safe to save and load."""
     cfg = {"arch": model.arch, "size": model.size, "widths": list(model.widths),
-           "prior": "gaussian" if model.prior is None else "flow"}
+           "prior": model.prior.name}
     cfg["latent_dim" if model.arch == "dense" else "latent_channels"] = model.latent_shape[0]
     return cfg
 
 
+def code_version():
+    """Which code made a file: the sha256 of this vae.py (first 12 hex digits) and, where it
+    runs from a git checkout, the commit, with "+changes" when the checkout differs from it."""
+    here = Path(__file__).resolve()
+    version = {"vae_py_sha256": hashlib.sha256(here.read_bytes()).hexdigest()[:12],
+               "git_commit": None}
+    try:
+        git = ["git", "-C", str(here.parent)]
+        commit = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode == 0:
+            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            version["git_commit"] = commit.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass                                      # no git: the hash alone names the code
+    return version
+
+
 def safe_load(path, what, device="cpu"):
-    """torch.load with weights_only=True. A file that carries pickled Python objects (which
-    could run code) is refused, not executed; so is a truncated or foreign file."""
+    """torch.load with weights_only=True: plain tensors and containers only. Each way a file
+    can be wrong gets its own message: a folder, a missing file, a file that carries pickled
+    Python objects (which could run code: refused, never run), and a corrupt or foreign one."""
     import pickle
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
+    import pickletools
+    path = check_file(path, what)
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        raise DataError(f"{path}: not a readable {what} of this script: it holds pickled Python "
-                        f"objects, which are refused (weights_only=True)") from None
     except Exception as e:
-        raise DataError(f"{path}: not a readable {what} of this script "
-                        f"({type(e).__name__})") from None
+        error = e
+    refused = f"{path}: holds pickled Python objects, which could run code; refused"
+    if "GLOBAL" in str(error):                  # torch's file format, with objects inside
+        raise DataError(refused) from None
+    if isinstance(error, pickle.UnpicklingError):     # maybe a plain pickle: read its opcodes
+        try:
+            ops = {op.name for op, _, _ in pickletools.genops(path.read_bytes())}
+            if ops & {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE"}:
+                raise DataError(refused) from None
+        except (ValueError, IndexError, EOFError):
+            pass
+    raise DataError(f"{path}: not a readable {what} of this script: the file is corrupt or "
+                    f"not a PyTorch file ({type(error).__name__})") from None
 
 
 def save_model(model, path):
@@ -1735,6 +1742,14 @@ def load_model(path, device="cpu"):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
+def check_matches(path, cfg, want):
+    """A saved model's or checkpoint's config must match what this run asks for."""
+    for key, value in want.items():
+        if value is not None and cfg.get(key) != value:
+            raise DataError(f"{path}: holds a model with {key} {cfg.get(key)}, but this run "
+                            f"asks for {value}")
+
+
 def save_atomic(obj, path):
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
@@ -1745,9 +1760,9 @@ def plain(d):
 
 
 def save_checkpoint(path, model, opt, args, state, device):
-    """One dict: model, optimizer, config, args, where training stands (train's state: epoch,
-    step, running sums, history, seconds) and the RNG state, so a resumed run repeats the
-    losses of an uninterrupted one exactly (on the same machine)."""
+    """One dict: model, optimizer, config, args, where training stands (the Bookkeeper's
+    state: epoch, step, running sums, history, seconds) and the RNG state, so a resumed run
+    repeats the losses of an uninterrupted one exactly (on the same machine)."""
     save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "config": model_config(model), "args": plain(vars(args)), **state,
                  "rng_cpu": torch.get_rng_state(),
@@ -1759,23 +1774,9 @@ def load_checkpoint(path, args):
     ckpt = safe_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "config", "epoch"} <= set(ckpt):
         raise DataError(f"{path}: not a training checkpoint of this script")
-    cfg = ckpt["config"]
-    for key, want in (("arch", args.arch), ("size", args.size), ("widths", list(args.widths)),
-                      ("prior", args.prior)):
-        if cfg.get(key) != want:
-            raise DataError(f"{path}: checkpoint has {key} {cfg.get(key)}, but this run asks "
-                            f"for {want}")
+    check_matches(path, ckpt["config"], {"arch": args.arch, "size": args.size,
+                                         "widths": list(args.widths), "prior": args.prior})
     return ckpt
-
-
-def restore_checkpoint(ckpt, model, opt, device):
-    """Load a checkpoint into model and opt and the RNG -> train's state."""
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state(ckpt["rng_cuda"])
-    return {k: ckpt[k] for k in ("epoch", "step", "sums", "seconds", "history")}
 
 
 def read_history(path):
@@ -1793,42 +1794,125 @@ def write_history(path, history):
     write_text(path, "\n".join(rows) + "\n")
 
 
-# ----------------------------------------------------------------------------- Ctrl-C
+# ------------------------------------------------------------ training plumbing and Ctrl-C
 # Ctrl-C ends a run with one line and exit status 130, as a shell does, with no traceback and
-# no half-written file (every write is atomic, above). During training it only sets a flag,
-# checked between steps, so the checkpoint never holds half an optimizer step.
+# no half-written file (every write is atomic, above). During training the Bookkeeper turns
+# the first Ctrl-C into a flag, checked between steps, so the checkpoint it saves never holds
+# half an optimizer step. Anywhere else Ctrl-C raises KeyboardInterrupt, which main() turns
+# into the one line.
+
+HISTORY = ("epoch", "train_rec", "train_kl", "val_rec", "val_kl", "val_loss", "beta", "lr",
+           "images_seen", "seconds")
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or inf."""
+
 
 class Interrupted(Exception):
     """Ctrl-C, caught where something could be saved; the message says what was kept."""
 
 
-class CtrlCFlag:
-    """with CtrlCFlag(log) as c: c.pressed turns True on Ctrl-C; a second Ctrl-C stops at once."""
+class Bookkeeper:
+    """The plumbing of train() (Part 1), as a context manager around its loop.
 
-    def __init__(self, log):
-        self.log, self.pressed = log, False
+    It holds where training stands, in `state`: the epoch and step to go on from, the running
+    sums of the epoch's losses, the history (a list per HISTORY key), the seconds trained, and
+    the last step's beta and learning rate.
+    On entry it restores a checkpoint if given one (weights, optimizer, RNG, state) and turns
+    Ctrl-C into a flag. step_done logs progress with an ETA every 30 s, stops on a NaN loss,
+    and after a Ctrl-C saves a checkpoint and raises Interrupted. epoch_done adds the
+    epoch's history row and saves a checkpoint."""
+
+    def __init__(self, model, opt, args, steps, ckpt_path, resume, device, log):
+        self.model, self.opt, self.args, self.steps = model, opt, args, steps
+        self.ckpt_path, self.device, self.log = ckpt_path, device, log
+        self.state = {"epoch": 0, "step": 0, "sums": [0.0, 0.0], "seconds": 0.0,
+                      "history": {k: [] for k in HISTORY}, "beta_lr": [0.0, 0.0]}
+        self.pressed = False
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            torch.set_rng_state(resume["rng_cpu"])
+            if device.type == "cuda" and resume.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(resume["rng_cuda"])
+            self.state = {k: resume.get(k, v) for k, v in self.state.items()}
+            log(f"resumed at epoch {self.epoch + 1}, step {self.step}/{steps}"
+                if self.epoch < args.epochs else
+                f"resumed: the checkpoint has finished all {args.epochs} epochs")
+
+    epoch = property(lambda self: self.state["epoch"])       # where the loops start
+    step = property(lambda self: self.state["step"])
+    history = property(lambda self: self.state["history"])
 
     def __enter__(self):
-        self.old = signal.signal(signal.SIGINT, self.on_sigint)
+        self.old_handler = signal.signal(signal.SIGINT, self.on_ctrl_c)
+        self.elapsed, self.t_start = self.state["seconds"], time.perf_counter()
+        self.t_log, self.seen_log = self.t_start, 0
+        self.log(f"training {self.args.epochs - self.epoch} epochs of {self.steps} steps "
+                 f"(Ctrl-C saves a checkpoint; --resume continues)")
         return self
 
-    def on_sigint(self, signum, frame):
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.old_handler)
+
+    def on_ctrl_c(self, signum, frame):
         if self.pressed:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt                       # a second Ctrl-C stops at once
         self.pressed = True
         self.log("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)")
 
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.old)
+    def seconds(self):
+        return self.elapsed + time.perf_counter() - self.t_start
+
+    def save(self, epoch, step):
+        self.state.update(epoch=epoch, step=step, seconds=self.seconds())
+        save_checkpoint(self.ckpt_path, self.model, self.opt, self.args, self.state, self.device)
+
+    def step_done(self, epoch, s, loss, rec, kl, beta, lr):
+        args, sums = self.args, self.state["sums"]
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at epoch {epoch + 1}, step {s}; the last good "
+                f"checkpoint {self.ckpt_path} is kept. Try a lower --lr (now {args.lr}) or a "
+                f"longer KL warm-up, --warmup (now {args.warmup})")
+        sums[0] += rec.item()
+        sums[1] += kl.item()
+        self.state["beta_lr"] = [beta, lr]                # the epoch's last, for its row
+        self.seen_log += args.batch_size
+        now = time.perf_counter()
+        if now - self.t_log > 30 or s == self.steps - 1:              # progress, every 30 s
+            rate = self.seen_log / (now - self.t_log)
+            left = (self.steps * (args.epochs - epoch) - s - 1) * args.batch_size / rate
+            self.log(f"epoch {epoch + 1}/{args.epochs} step {s + 1}/{self.steps}  "
+                     f"rec {rec.item():7.1f}  kl {kl.item():6.1f} nats/img  beta {beta:.2f}  "
+                     f"{rate:5.0f} img/s  ETA {left / 60:5.1f} min")
+            self.t_log, self.seen_log = now, 0
+        if self.pressed:
+            self.save(epoch, s + 1)
+            raise Interrupted(f"saved {self.ckpt_path} at epoch {epoch + 1}, step {s + 1}")
+
+    def epoch_done(self, epoch, validation):
+        val_loss, val_rec, val_kl = validation
+        sums, seconds = self.state["sums"], self.seconds()
+        row = (epoch + 1, sums[0] / self.steps, sums[1] / self.steps, val_rec, val_kl, val_loss,
+               *self.state["beta_lr"], (epoch + 1) * self.steps * self.args.batch_size, seconds)
+        for key, value in zip(HISTORY, row):
+            self.history[key].append(value)
+        self.log(f"epoch {epoch + 1} done: validation -ELBO {val_loss:.1f} = rec {val_rec:.1f} "
+                 f"+ kl {val_kl:.1f} nats/img ({seconds / 60:.1f} min)")
+        sums[:] = [0.0, 0.0]
+        self.save(epoch + 1, 0)
 
 
+# Python drops a KeyboardInterrupt raised inside a finalizer (h5py runs some while files
+# close): it cannot propagate from there. main() installs this hook, which catches it and
+# raises it again in the main thread 50 ms later, once the finalizer has returned.
 def reraise_lost_ctrl_c(unraisable):
-    """Why: a KeyboardInterrupt that lands in a finalizer (h5py runs some) cannot propagate,
-    so Python would drop it and carry on. This hook raises it again in the main thread."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
         import _thread
         import threading
-        threading.Timer(0.05, _thread.interrupt_main).start()   # after the finalizer returns
+        threading.Timer(0.05, _thread.interrupt_main).start()
     else:
         sys.__unraisablehook__(unraisable)
 
@@ -1861,18 +1945,41 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (python vae.py --help lists the flags)\n")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help, once, unless its help already says the default
+    in words (flags whose default depends on other flags) or it has none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def widths_list(text):
+    """--widths "16,32,64,128" -> (16, 32, 64, 128)"""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"comma-separated positive integers, not {text}")
+    return widths
+
+
 def parse_args(argv=None):
     p = Parser(description="Train VAEs that generate channel facies images.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=HelpFormatter)
     p.add_argument("--arch", choices=list(ARCHS),
-                   help="dense: vector latent; fullyconv: no dense layer")
+                   help="dense: vector latent; fullyconv: no dense layer. Required, except "
+                        "with --compare-data")
     p.add_argument("--prior", choices=["flow", "gaussian"], default="flow",
                    help="flow: a normalizing flow z = f(u), u ~ N(0, I), trained with the VAE; "
                         "gaussian: the plain VAE, z ~ N(0, I)")
-    p.add_argument("--size", type=int, choices=[64, 128],
+    p.add_argument("--size", type=int, choices=[64, NATIVE],
                    help="image size to train at (default 64; a trained model keeps its own)")
-    p.add_argument("--epochs", type=positive_int, default=28)
-    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--epochs", type=positive_int, default=28, help="passes over the data")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="peak Adam learning rate")
     p.add_argument("--beta", type=non_negative_float, default=1.0,
                    help="KL weight; 1 = the true ELBO")
@@ -1882,15 +1989,18 @@ def parse_args(argv=None):
                    help="dense: latent vector length")
     p.add_argument("--latent-channels", type=positive_int, default=8,
                    help="fullyconv: latent channels; the grid is size/16 x size/16")
-    p.add_argument("--widths", default=",".join(map(str, WIDTHS)),
-                   help="encoder channels per stride-2 stage")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", type=Path, help=f"HDF5 file (default {DEFAULT_DATA}, else synthetic)")
+    p.add_argument("--widths", type=widths_list, default=WIDTHS, metavar="W1,W2,...",
+                   help="encoder channels per stride-2 stage (default: "
+                        f"{','.join(map(str, WIDTHS))})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sets the split, the initial weights and the noise")
+    p.add_argument("--data", type=Path, help=f"HDF5 file (default: {DEFAULT_DATA} if it exists, "
+                                             f"else the synthetic stand-in)")
     p.add_argument("--out", type=Path,
-                   help="output folder (default results/<arch>, results/<arch>-gaussian)")
+                   help="output folder (default: results/<arch>, or results/<arch>-gaussian)")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--resume", type=Path, nargs="?", const="auto",
-                   help="continue from a checkpoint (default <out>/checkpoint.pt)")
+    p.add_argument("--resume", type=Path, nargs="?", const="auto", metavar="CKPT",
+                   help="continue from a checkpoint (default: <out>/checkpoint.pt)")
     p.add_argument("--eval-n", type=positive_int, default=1000, help="prior samples scored")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--evaluate", action="store_true",
@@ -1901,8 +2011,9 @@ def parse_args(argv=None):
                       help="ES-MDA: condition <out>/model.pt's samples on wells of held-out images")
     mode.add_argument("--benchmark", action="store_true", help="time training and sampling")
     mode.add_argument("--compare-data", action="store_true", help="real vs synthetic statistics")
-    p.add_argument("--grid", type=positive_int,
-                   help="--sample with fullyconv: an N x N latent grid (default size/16)")
+    p.add_argument("--grid", type=positive_int, metavar="G",
+                   help="--sample with fullyconv: a G x G latent grid (default: size/16, the "
+                        "training grid)")
     p.add_argument("--wells", type=positive_int, default=16,
                    help="--condition: observed pixels per truth")
     p.add_argument("--assimilations", type=positive_int, default=ASSIMILATIONS,
@@ -1911,33 +2022,51 @@ def parse_args(argv=None):
                    help="--condition: observation error sd of the channel probability at a well")
     args = p.parse_args(argv)
     if not args.compare_data and args.arch is None:
-        p.error("--arch is required (dense or fullyconv)")
-    if args.size is None and not (args.evaluate or args.condition or args.sample):
-        args.size = 64                  # a trained model keeps its own size
+        p.error("argument --arch: required (dense or fullyconv), except with --compare-data")
     if args.grid is not None and (args.arch != "fullyconv" or args.sample is None):
         p.error("argument --grid: only with --sample and --arch fullyconv (a dense latent has "
                 "no grid)")
-    latent = args.latent_dim if args.arch == "dense" else args.latent_channels
-    if args.prior == "flow" and latent < 2:
-        p.error("argument --prior flow: the flow couples half of the latent channels to the "
-                "other half, so it needs at least 2 (got 1); or use --prior gaussian")
-    try:
-        args.widths = tuple(int(w) for w in args.widths.split(","))
-        assert all(w > 0 for w in args.widths) and (args.size or 64) % 2 ** len(args.widths) == 0
-    except (ValueError, AssertionError):
-        p.error(f"argument --widths: comma-separated positive integers, at most "
-                f"{int(math.log2(args.size or 64))} of them (got {args.widths})")
+    if args.size is None and not (args.evaluate or args.condition or args.sample):
+        args.size = 64                  # a trained model keeps its own size
+    if args.size is not None and args.arch is not None:
+        try:                            # build_model checks these flags; report its error
+            build_model(args.arch, args.size, args.prior, **model_kwargs(args))
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
+def model_kwargs(args):
+    """The model-size flags that build_model takes for args.arch."""
+    return {"widths": args.widths, **({"latent_dim": args.latent_dim} if args.arch == "dense"
+                                      else {"latent_channels": args.latent_channels})}
+
+
 def pick_device(name="auto"):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """--device -> torch.device; a device that this torch or machine lacks is an input error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name}: not a device name torch knows (cpu, cuda, cuda:1, "
+                        f"mps, ...)") from None
+    build = f"this torch ({torch.__version__})"
+    if device.type == "cuda" and torch.version.cuda is None:
+        raise DataError(f"--device {name}: {build} is a CPU-only build; install a CUDA build "
+                        f"of torch (pytorch.org/get-started/locally) or use --device cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: {build} has CUDA {torch.version.cuda}, but finds no "
+                        f"usable GPU (driver?); use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                     and torch.backends.mps.is_available()):
+        raise DataError(f"--device {name}: {build} finds no Apple GPU (MPS needs macOS on Apple "
+                        f"silicon and a torch built for it); use --device cpu")
+    return device
 
 
 def check_writable(folder):
@@ -1958,11 +2087,7 @@ def check_writable(folder):
 def new_model(args, device):
     """The untrained model that args describe, on the device, in channels_last."""
     torch.manual_seed(args.seed)        # before the model is built: the seed sets its init too
-    kwargs = ({"latent_dim": args.latent_dim} if args.arch == "dense"
-              else {"latent_channels": args.latent_channels})
-    model = build_model(args.arch, args.size, widths=args.widths, **kwargs)
-    if args.prior == "flow":
-        attach_flow_prior(model, args.seed)
+    model = build_model(args.arch, args.size, args.prior, args.seed, **model_kwargs(args))
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -1979,13 +2104,8 @@ def run(args):
         return run_benchmark(args, device, out)
     if args.evaluate or args.condition or args.sample:
         model = load_model(out / "model.pt", device)             # these use a trained model
-        cfg = model_config(model)
-        if cfg["arch"] != args.arch:
-            raise DataError(f"{out / 'model.pt'}: holds a {cfg['arch']} model, not {args.arch}")
-        if args.size not in (None, cfg["size"]):
-            raise DataError(f"{out / 'model.pt'}: was trained at {cfg['size']}x{cfg['size']}; "
-                            f"drop --size {args.size} (a model runs at its own size)")
-        args.size = cfg["size"]
+        check_matches(out / "model.pt", model_config(model), {"arch": args.arch, "size": args.size})
+        args.size = model.size
         if args.sample:
             path = out / "samples.h5"
             grid = (args.grid, args.grid) if args.grid else None
@@ -2012,15 +2132,15 @@ def run(args):
         return run_condition(model, val_x, out, device, args, note)
     config = {**plain(vars(args)), "data_file": str(data_path), "n_images": n_images,
               "n_train": len(train_x), "n_val": len(val_x), "device": device_name(device),
-              "torch": torch.__version__}
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "code_version": code_version()}
     print(f"device {device} ({config['device']}), torch {torch.__version__}, seed {args.seed}")
     print(f"data {data_path}: {len(train_x)} train + {len(val_x)} held-out images at "
           f"{args.size}x{args.size}")
-    if args.evaluate:
+    if args.evaluate:                   # the training run's own record, where it is there
         history = read_history(out / "history.csv")
         saved = out / "config.json"
-        config["train_minutes"] = (json.loads(saved.read_text()).get("train_minutes")
-                                   if saved.is_file() else None)
+        config = json.loads(saved.read_text()) if saved.is_file() else {}
     else:
         print("config " + json.dumps({k: config[k] for k in (
             "arch", "prior", "epochs", "batch_size", "lr", "beta", "warmup", "latent_dim",
@@ -2042,8 +2162,10 @@ def run(args):
     sample_figures(model, val_x, out, device, note, args.seed)
     more_figures(model, train_x, val_x, history, out, device, note, args.seed)
     metrics = evaluate(model, train_x, val_x, device, args.eval_n, args.seed)
-    metrics.update(arch=args.arch, data=data_name, device=config["device"],
-                   train_minutes=config["train_minutes"])
+    metrics.update(arch=args.arch, data=data_name, device=device_name(device),
+                   threads=torch.get_num_threads(), torch=torch.__version__,
+                   code_version=code_version(), train_minutes=config.get("train_minutes"),
+                   train_device=config.get("device"), train_threads=config.get("threads"))
     write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_comparison(out.parent, val_x[:args.eval_n], device)
     s = metrics["samples"][metrics["prior"]]
@@ -2060,7 +2182,7 @@ def run(args):
 def run_condition(model, val_x, out, device, args, note):
     """--condition: the ES-MDA study -> conditioning.json, .png and conditioning_members.h5"""
     model.eval()
-    prior = model_config(model)["prior"]
+    prior = model.prior.name
     n_wells, n_a = args.wells, args.assimilations
     if n_wells >= val_x[0].numel():
         raise DataError(f"--wells {n_wells}: an image has only {val_x[0].numel()} pixels")
@@ -2085,14 +2207,16 @@ def run_condition(model, val_x, out, device, args, note):
 
 
 def run_benchmark(args, device, out):
-    """--benchmark: results/benchmark.json, keyed by arch and device kind (dense_cpu_avx2, ...)"""
+    """--benchmark -> results/benchmark.json, one entry per arch and machine: the key names
+    the CPU, its kernel capability (AVX512, AVX2, ...) and the threads, or the GPU."""
     result = benchmark(new_model(args, device), args.batch_size, device, BENCH_SECONDS)
     path = (Path("results") if args.out is None else out) / "benchmark.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    kind = device.type
-    if kind == "cpu":                                     # cpu_avx512, cpu_avx2, ...
-        kind = f"cpu_{torch.backends.cpu.get_cpu_capability().lower()}"
-    saved[f"{args.arch}_{kind}"] = result
+    machine = result["device"]
+    if device.type == "cpu":
+        result["capability"] = torch.backends.cpu.get_cpu_capability()
+        machine += f", {result['capability']}, {result['threads']} threads"
+    saved[f"{args.arch}, {machine}"] = result
     write_text(path, json.dumps(saved, indent=2) + "\n")
     print(f"wrote {path}")
 
