@@ -465,9 +465,10 @@ def test_synthetic_statistics_match_the_real_images():
     rs, ss = vae.image_statistics(torch.from_numpy(real)), vae.image_statistics(torch.from_numpy(synth))
     for key in rs:                   # proportion, widths, runs per row, pieces, spanning, lean
         assert np.nanmin(rs[key]) <= np.nanmean(ss[key]) <= np.nanmax(rs[key]), key
-    # measured on 23 real images (DATA.md): proportion 0.21 +- 0.06; channels lean 2-20
-    # degrees (median 7); sine-like centrelines of half-amplitude 10-35 px (median 21), so
-    # straight bars of the right width and proportion would fail here
+    # measured on re-digitized real images (13 of them in results/real_reference.npz):
+    # proportion 0.21 +- 0.06; channels lean 2-20 degrees (median 7); sine-like centrelines
+    # of half-amplitude 10-35 px (median 21), so straight bars of the right width and
+    # proportion would fail here
     assert 0.17 < ss["proportion"].mean() < 0.25 and 0.04 < ss["proportion"].std() < 0.09
     assert 2 < np.nanmean(ss["lean"]) < 20
     wiggle = centreline_wiggle(synth)
@@ -1088,7 +1089,7 @@ def test_benchmark_flag_writes_json(tmp_path, capsys, monkeypatch):
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     # the key names the machine, so another CPU, or this one capped to AVX2, gets its own entry
     capability = torch.backends.cpu.get_cpu_capability()
-    key = f"fullyconv, {vae.device_name(CPU)}, {capability}, {torch.get_num_threads()} threads"
+    key = f"fullyconv, batch 8, {vae.device_name(CPU)}, {capability}, {torch.get_num_threads()} threads"
     assert list(saved) == [key]
     saved = saved[key]
     for key in ("train_img_per_s", "sample_img_per_s", "forward_flops_per_image", "train_gflops_per_s",

@@ -16,12 +16,10 @@ Three parts, each under a "Part" banner:
           evaluation, reports, the benchmark, checkpoints and Ctrl-C, the command line.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,9 +61,10 @@ def downsample_majority(x):
 def get_data(path, size, log=print):
     """-> (images, the file they came from); images: uint8 (N, 1, size, size) of 0/1.
 
-    An explicit path must exist. The default path falls back to the synthetic stand-in,
-    generated once by synthetic_data() (Part 3). load_images (Part 3) reads the file in
-    chunks, checks its layout and values, and halves 128x128 images with the vote above."""
+    An explicit path must exist. Without the default file, synthetic_data() (Part 3)
+    generates the synthetic stand-in once and returns its path, SYNTHETIC_DATA. load_images
+    (Part 3) reads a file in chunks, checks its layout and values, and halves 128x128 images
+    with the vote above."""
     if path is not None:
         return load_images(path, size), Path(path)
     if DEFAULT_DATA.is_file():
@@ -325,8 +324,9 @@ def validate(model, images, device, beta, batch_size=500):
 
 
 def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print):
-    """Train in place with Adam -> the history: a list per HISTORY key, one entry per epoch.
-    args: batch_size, epochs, lr, beta, warmup, seed. train_x, val_x: uint8 (N, 1, S, S)."""
+    """Train in place with Adam -> the history: a dict of lists (losses, beta, lr, time),
+    one entry per epoch. args: batch_size, epochs, lr, beta, warmup, seed.
+    train_x, val_x: uint8 (N, 1, S, S)."""
     bs = args.batch_size
     steps = len(train_x) // bs                                  # per epoch
     total_steps = steps * args.epochs
@@ -418,7 +418,7 @@ def show_grid(rows, path, title, row_labels=None, panel=1.3, gap=0.0, panel_titl
     import matplotlib.pyplot as plt
     ncol = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(panel * ncol, panel * len(rows) + 0.5),
-                             squeeze=False, gridspec_kw={"wspace": gap, "hspace": gap})
+                             squeeze=False)
     for i, row in enumerate(rows):
         for j in range(ncol):
             ax = axes[i, j]
@@ -433,8 +433,9 @@ def show_grid(rows, path, title, row_labels=None, panel=1.3, gap=0.0, panel_titl
         if row_labels:
             axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
     fig.suptitle(title, fontsize=10)
-    if not gap:
-        fig.tight_layout()
+    fig.tight_layout()
+    if gap:
+        fig.subplots_adjust(wspace=gap, hspace=gap)
     save_figure(fig, path)                  # Part 3: written atomically, then closed
 
 
@@ -1386,8 +1387,9 @@ def more_figures(model, train_x, val_x, history, out, device, note, seed=0):
             lo, hi = min(later), max(later)
             ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
             if max(train[0], val[0]) > ax.get_ylim()[1]:
-                ax.text(0.98, 0.95, f"epoch 1 off the axis: train {train[0]:.0f}, validation "
-                        f"{val[0]:.0f}", transform=ax.transAxes, ha="right", va="top", fontsize=7)
+                ax.set_xlabel(f"epoch (epoch 1 is off the axis: train {train[0]:.0f}, "
+                              f"validation {val[0]:.0f})")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.suptitle(f"{note}: loss terms per epoch", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out / "losses.png")
@@ -1685,6 +1687,8 @@ def model_config(model):
 def code_version():
     """Which code made a file: the sha256 of this vae.py (first 12 hex digits) and, where it
     runs from a git checkout, the commit, with "+changes" when the checkout differs from it."""
+    import hashlib
+    import subprocess
     here = Path(__file__).resolve()
     version = {"vae_py_sha256": hashlib.sha256(here.read_bytes()).hexdigest()[:12],
                "git_commit": None}
@@ -2207,8 +2211,8 @@ def run_condition(model, val_x, out, device, args, note):
 
 
 def run_benchmark(args, device, out):
-    """--benchmark -> results/benchmark.json, one entry per arch and machine: the key names
-    the CPU, its kernel capability (AVX512, AVX2, ...) and the threads, or the GPU."""
+    """--benchmark -> results/benchmark.json, one entry per arch, batch size and machine: the
+    key names the CPU, its kernel capability (AVX512, AVX2, ...) and the threads, or the GPU."""
     result = benchmark(new_model(args, device), args.batch_size, device, BENCH_SECONDS)
     path = (Path("results") if args.out is None else out) / "benchmark.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
@@ -2216,7 +2220,7 @@ def run_benchmark(args, device, out):
     if device.type == "cpu":
         result["capability"] = torch.backends.cpu.get_cpu_capability()
         machine += f", {result['capability']}, {result['threads']} threads"
-    saved[f"{args.arch}, {machine}"] = result
+    saved[f"{args.arch}, batch {args.batch_size}, {machine}"] = result
     write_text(path, json.dumps(saved, indent=2) + "\n")
     print(f"wrote {path}")
 
