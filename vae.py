@@ -223,13 +223,15 @@ def reparameterize(mu, logvar, generator=None):
 
 
 class StandardNormal(nn.Module):
-    """The plain VAE's prior p(z) = N(0, I). Every prior in this file has this interface:
-    a Gaussian u ~ N(0, I) lies beneath it, and
-      to_z(u) -> z                      (sampling: z = u here)
-      to_u(z) -> (u, log|det du/dz|)    (back to the Gaussian: u = z, log-det 0 here)
+    """The plain VAE's prior p(z) = N(0, I), and the interface every prior in this file has.
+
+    Part 2's learned prior draws a Gaussian u ~ N(0, I) and maps it to z = f(u). Here f is
+    the identity, so u = z and the first two methods do nothing; they exist so that
+    sampling, interpolation and Part 2's ES-MDA run unchanged with either prior:
+      to_z(u) -> z                      (sampling)
+      to_u(z) -> (u, log|det du/dz|)    (back to the Gaussian)
       log_prob(z) -> (B,)
-      kl(mu, logvar, z, eps) -> (B,)    KL(q(z|x) || p(z)), here in closed form.
-    Part 2's learned flow prior has the same methods, so nothing else asks which it is."""
+      kl(mu, logvar, z, eps) -> (B,)    KL(q(z|x) || p(z)), here in closed form."""
     name = "gaussian"
     title = "N(0, I)"
 
@@ -269,10 +271,12 @@ def train_step(model, opt, x, beta, lr):
 
 def build_model(arch, size=64, prior="gaussian", seed=0, **kwargs):
     """A VAE with encode(x) -> (mu, logvar), decode(z) -> logits, latent_shape, and .prior:
-    StandardNormal(), or with prior="flow" the learned FlowPrior of Part 2. The flow's
-    random init uses its own seed and leaves the global RNG untouched, so the VAE's own
-    init and noise are the same with either prior. kwargs: widths, latent_dim (dense),
-    latent_channels (fullyconv). Bad settings raise ValueError."""
+    StandardNormal() (the plain VAE of Part 1), or with prior="flow" the learned FlowPrior
+    of Part 2, a normalizing flow whose coupling nets are FLOW_HIDDEN[arch] wide (the
+    command line's default). The flow's random init uses its own seed and leaves the global
+    RNG untouched, so the VAE's own init and noise are the same with either prior.
+    kwargs: widths, latent_dim (dense), latent_channels (fullyconv). Bad settings raise
+    ValueError."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {list(ARCHS)}, not {arch!r}")
     widths = kwargs.get("widths", WIDTHS)
@@ -341,7 +345,7 @@ def train(model, train_x, val_x, args, device, ckpt_path, resume=None, log=print
             # the same batches as an uninterrupted one
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
             order = torch.randperm(len(train_x), generator=g).to(train_x.device)
-            for s in range(book.step, steps):
+            for s in range(book.step, steps):         # book.step: 0, unless resumed mid-epoch
                 i = epoch * steps + s
                 lr, beta = lr_at(i, total_steps, args.lr), beta_at(i, warmup_steps, args.beta)
                 x = to_float(train_x[order[s * bs:(s + 1) * bs]], device)     # (B, 1, S, S)
@@ -492,8 +496,8 @@ def sample_figures(model, val_x, out, device, note, seed=0):
 # Why N(0, I) samples break: the KL term pulls each image's posterior q(z|x) towards N(0, I),
 # but the codes of all images together (the aggregate posterior q(z)) fill only part of that
 # ball, a thin curved region. Random z ~ N(0, I) also land in the holes around it, which the
-# decoder never saw, and decode to broken channels (the "prior hole"). A normalizing flow learns a prior that
-# matches q(z) and keeps a Gaussian beneath:
+# decoder never saw, and decode to broken channels (the "prior hole"). A normalizing flow
+# learns a prior that matches q(z) and keeps a Gaussian beneath:
 #   u ~ N(0, I),   z = f(u),   f invertible.
 # Change of variables, with u = f^-1(z):
 #   log p(z) = log N(u; 0, I) + log |det du/dz|
@@ -635,7 +639,7 @@ def log_q(eps, logvar):
 # its perturbed observations. For a linear g and Gaussian m it samples the exact Bayesian
 # posterior as the ensemble grows (a test checks it). The decoder is not linear, so each
 # update is only right for a small move: 8 assimilations take smaller steps than the usual
-# 4 (README, "Conditioning on wells").
+# 4 (measured in results/levers.md).
 
 OBS_SD, ASSIMILATIONS, MEMBERS, TRUTHS = 0.02, 8, 200, 5
 
@@ -693,7 +697,7 @@ def condition_on_wells(model, truth, device, n_wells=16, members=MEMBERS, obs_sd
 
 def ensemble_report(probs, wells, obs):
     """How well an ensemble of decoder probabilities (N, 1, S, S) honours the wells, and what
-    its members look like (thresholded at 0.5)."""
+    its members look like (thresholded at 0.5), with Part 3's realism metrics."""
     m = (probs >= 0.5).to(torch.uint8)
     at_wells = m[:, 0, wells[:, 0], wells[:, 1]].float()              # (N, K)
     pieces, spanning = pieces_and_spanning(m[:, 0].bool())
@@ -1955,7 +1959,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        if action.default is None or action.default is False or "default" in text \
+                or action.default == argparse.SUPPRESS:
             return text
         return f"{text} (default: %(default)s)"
 
