@@ -1690,7 +1690,7 @@ def model_config(model):
 
 def code_version():
     """Which code made a file: the sha256 of this vae.py (first 12 hex digits) and, where it
-    runs from a git checkout, the commit, with "+changes" when the checkout differs from it."""
+    runs from a git checkout, the commit, with "+changes" when vae.py differs from it."""
     import hashlib
     import subprocess
     here = Path(__file__).resolve()
@@ -1701,7 +1701,7 @@ def code_version():
         commit = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, timeout=10)
         if commit.returncode == 0:
-            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+            dirty = subprocess.run(git + ["status", "--porcelain", "--", here.name],
                                    capture_output=True, text=True, timeout=10).stdout.strip()
             version["git_commit"] = commit.stdout.strip() + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
