@@ -753,7 +753,8 @@ def conditioning_figure(truth, res, path, title):
     with a dark or light edge, so that both stand out on both facies."""
     import matplotlib.pyplot as plt
     wells, obs = res["wells"], res["obs"].bool()
-    fig, axes = plt.subplots(2, 7, figsize=(7 * 1.6 + 0.9, 2 * 1.6 + 1.3))
+    fig, axes = plt.subplots(2, 7, figsize=(7 * 1.6 + 0.9, 2 * 1.6 + 1.1))
+    fig.subplots_adjust(left=0.01, right=0.9, bottom=0.12, top=0.84, wspace=0.05, hspace=0.2)
     for r, name in enumerate(("prior", "posterior")):
         members = (res[name] >= 0.5).float()                                # (N, 1, S, S)
         panels = [(truth.float(), "truth and wells"), (members.mean(0), f"{name} mean"),
@@ -763,10 +764,10 @@ def conditioning_figure(truth, res, path, title):
             ax = axes[r, c]
             shown = ax.imshow(img[0].numpy(), cmap="viridis", vmin=0, vmax=1,
                               interpolation="nearest")
-            ax.scatter(wells[obs, 1], wells[obs, 0], marker="o", s=22, c="red",
-                       edgecolors="white", linewidths=0.8, label="well in channel (1)")
-            ax.scatter(wells[~obs, 1], wells[~obs, 0], marker="s", s=18, c="white",
-                       edgecolors="black", linewidths=0.8, label="well in background (0)")
+            ax.scatter(wells[obs, 1], wells[obs, 0], marker="o", s=36, c="red",
+                       edgecolors="white", linewidths=1, label="well in channel (1)")
+            ax.scatter(wells[~obs, 1], wells[~obs, 0], marker="s", s=28, c="white",
+                       edgecolors="black", linewidths=1, label="well in background (0)")
             ax.set_title(label, fontsize=7)
             ax.set_xticks([]), ax.set_yticks([])
     bar = fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.01)
