@@ -1467,7 +1467,7 @@ def write_comparison(results_dir, held, device):
                   for f, p, _ in cols])
     add("trained on (train_minutes' hardware)",
         ["" if p == "posterior" or not runs[f].get("train_device") else
-         f"{runs[f]['train_device']}, {runs[f].get('train_threads') or '?'} threads"
+         f"{runs[f]['train_device']}, threads: {runs[f].get('train_threads') or '?'}"
          for f, p, _ in cols])
     n = first["n"]
     text = (f"{n} prior samples of each model against {n} held-out images; the noise floor scores "
