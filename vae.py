@@ -2203,6 +2203,8 @@ def run_condition(model, val_x, out, device, args, note):
     conditioning_figure(truth, res, out / "conditioning.png",
                         f"{note}, {prior} prior: ES-MDA on {n_wells} wells, {MEMBERS} members, "
                         f"{n_a} assimilations, observation sd {args.obs_sd}")
+    summary.update(device=device_name(device), threads=torch.get_num_threads(),
+                   code_version=code_version())
     write_text(out / "conditioning.json", json.dumps(summary, indent=2) + "\n")
     write_h5(out / "conditioning_members.h5", [members.permute(0, 2, 3, 1).numpy()],
              members_per_truth=MEMBERS, held_out_indices=truths)
