@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -1718,7 +1719,9 @@ def safe_load(path, what, device="cpu"):
     import pickletools
     path = check_file(path, what)
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():     # torch warns about some foreign files: we say why
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         error = e
     refused = f"{path}: holds pickled Python objects, which could run code; refused"
