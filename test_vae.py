@@ -382,6 +382,46 @@ def test_both_priors_share_one_interface(arch):
     torch.testing.assert_close(prior.kl(mu, logvar, None, None), want)
 
 
+def test_soft_statistics_and_w1_on_hand_made_images():
+    img = torch.zeros(2, 1, 8, 8)
+    img[0, 0, :, 2:4] = 1                      # a stripe from top to bottom, 2 of 8 columns
+    img[1, 0, :4, 5] = 0.8                     # half a stripe, probability 0.8
+    proportion, coverage = vae.soft_statistics(img)
+    torch.testing.assert_close(proportion, torch.tensor([0.25, 4 * 0.8 / 64]))
+    torch.testing.assert_close(coverage, torch.tensor([1.0, 0.4]))
+    # W1 of equal-size samples against the CDF-area implementation of the metrics section
+    a, b = torch.rand(50, dtype=torch.float64), torch.rand(50, dtype=torch.float64) ** 2
+    assert vae.wasserstein1_equal(a, b).item() == pytest.approx(vae.wasserstein1(a.numpy(), b.numpy()))
+
+
+def test_shaping_moves_the_samples_proportion_and_only_the_flow(monkeypatch):
+    # data with less than half the channel of what the untrained model draws: the shaping
+    # phase must pull the decoded prior samples' proportion towards the data's, and touch
+    # only the flow
+    torch.manual_seed(0)
+    model = vae.build_model("dense", 64, latent_dim=4, prior="flow", **TINY)
+    x = images(64)
+
+    def sample_proportion():
+        with torch.no_grad():
+            z = vae.sample_latents(model.eval(), 256, torch.Generator().manual_seed(5))
+            return vae.decode_probs(model, z, CPU).mean().item()
+    with torch.no_grad():                      # make the decoder's output depend on z
+        model.expand[0].weight.mul_(20)
+    vae_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("prior")}
+    before, target = sample_proportion(), x.float().mean().item()
+    monkeypatch.setattr(vae, "SHAPE_LR", 1e-2)              # a few steps must suffice here
+    vae.shape_prior(model, x, CPU, steps=120, batch_size=32, log=lambda s: None)
+    after = sample_proportion()
+    # an untrained decoder cannot reach the data's proportion from any z; it must move there
+    assert abs(after - target) < 0.85 * abs(before - target), (before, after, target)
+    for k, v in model.state_dict().items():
+        if k.startswith("prior"):
+            continue
+        assert torch.equal(v, vae_before[k]), k              # the VAE is frozen
+    assert all(p.requires_grad for p in model.parameters())   # and trainable again after
+
+
 # ============================================================================ Part 2: ES-MDA
 
 def test_inflation_factors_inverses_sum_to_one():
@@ -1056,10 +1096,12 @@ def test_main_end_to_end_evaluate_sample_and_condition(tmp_path, capsys, arch):
     assert code == 0, err
     cond = json.loads((out / "conditioning.json").read_text())
     assert cond["prior"] == "flow" and (out / "conditioning.png").is_file()
-    assert len(cond["cases"]) == 5 and cond["wells"] == 8 and cond["inflation"] == [3.0, 3.0, 3.0]
+    assert len(cond["cases"]) == vae.TRUTHS == 20 and cond["wells"] == 8 and cond["inflation"] == [3.0, 3.0, 3.0]
+    truths = [c["truth_proportion"] for c in cond["cases"]]
+    assert cond["posterior_proportion_over_truth"] == pytest.approx(cond["posterior_proportion"]["mean"] / np.mean(truths))
     assert cond["obs_sd"] == vae.OBS_SD == 0.02 and vae.ASSIMILATIONS == 8
     members = vae.load_images(out / "conditioning_members.h5", size=64)
-    assert members.shape == (5 * 200, 1, 64, 64) and set(members.unique().tolist()) <= {0, 1}
+    assert members.shape == (20 * 200, 1, 64, 64) and set(members.unique().tolist()) <= {0, 1}
     code, _, err = run_main(argv + ["--condition", "--wells", "5000"], capsys)
     assert_clean_error(code, err, "--wells 5000", "only 4096 pixels")
     code, _, err = run_main(argv[:2] + ["--out", tmp_path / "empty", "--condition"], capsys)
