@@ -1033,7 +1033,7 @@ def test_help_prints_each_default_once(capsys):
         elif entries:
             entries[flag] += " " + line.strip()
     assert "(default: None)" not in " ".join(entries.values())
-    for flag, default in (("--epochs", "28"), ("--batch-size", "128"), ("--seed", "0"),
+    for flag, default in (("--epochs", "28"), ("--batch-size", "128"), ("--seed", "0"), ("--shape-steps", "1000"),
                           ("--lr", "0.002"), ("--widths", "16,32,64,128"), ("--prior", "flow")):
         assert entries[flag].count("default") == 1 and f"(default: {default})" in entries[flag], entries[flag]
     for flag in ("--size", "--data", "--out", "--resume", "--grid"):   # said in words, once
@@ -1056,9 +1056,11 @@ def test_main_end_to_end_evaluate_sample_and_condition(tmp_path, capsys, arch):
     data = tiny_h5(tmp_path / "d.h5", n=200)
     out = tmp_path / "res" / arch
     argv = ["--arch", arch, "--data", data, "--out", out, "--epochs", "1", "--batch-size", "16",
-            "--widths", "8,16,16,16", "--eval-n", "10"]
+            "--widths", "8,16,16,16", "--eval-n", "10", "--shape-steps", "3"]
     code, stdout, err = run_main(argv, capsys)
     assert code == 0, err
+    assert "shaping the prior: step 3/3" in stdout
+    assert json.loads((out / "config.json").read_text())["shape_minutes"] > 0
     for name in ("samples.png", "interpolation.png", "reconstructions.png", "losses.png", "nearest.png",
                  "history.csv", "config.json", "model.pt", "metrics.json"):
         assert (out / name).is_file(), name
@@ -1146,7 +1148,8 @@ def test_vae_py_copied_alone_into_an_empty_folder(tmp_path):
     shutil.copy(HERE / "vae.py", tmp_path / "vae.py")
     tiny_h5(tmp_path / "d.h5", n=120)
     argv = [sys.executable, "vae.py", "--arch", "dense", "--data", "d.h5", "--epochs", "1",
-            "--batch-size", "16", "--widths", "8,16,16,16", "--eval-n", "8", "--device", "cpu"]
+            "--batch-size", "16", "--widths", "8,16,16,16", "--eval-n", "8", "--device", "cpu",
+            "--shape-steps", "3"]
     for extra in ([], ["--evaluate"]):
         done = subprocess.run(argv + extra, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
