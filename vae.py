@@ -191,7 +191,8 @@ ARCHS = {"dense": DenseVAE, "fullyconv": FullyConvVAE}
 # binary images, its negative:
 #   -ELBO(x) = E_q(z|x)[-log p(x|z)] + KL(q(z|x) || p(z))
 # The expectation is estimated with one sample z ~ q(z|x) per image and step. The KL term
-# keeps every q(z|x) close to the prior, which is what lets random prior draws decode.
+# keeps every q(z|x) close to the prior, which is what lets random prior draws decode (only
+# partly with N(0, I), as Part 2 shows and fixes).
 # p(x|z) is a Bernoulli per pixel, so -log p(x|z) is the binary cross-entropy of the
 # decoder's logits, summed over pixels. q(z|x) = N(mu, diag sigma^2) and p(z) = N(0, I),
 # so the KL has a closed form (Kingma & Welling 2014, appendix B), per latent element:
@@ -255,7 +256,7 @@ def neg_elbo(model, x, beta=1.0):
     mu, logvar = model.encode(x)                    # (B, *latent_shape) each
     z, eps = reparameterize(mu, logvar)             # one sample per image
     logits = model.decode(z)                        # (B, 1, S, S)
-    kl = model.prior.kl(mu, logvar, z, eps)         # (B,)
+    kl = model.prior.kl(mu, logvar, z, eps)         # (B,); .prior: set by build_model below
     rec, kl = bernoulli_nll(logits, x).mean(), kl.mean()
     return rec + beta * kl, rec, kl
 
@@ -633,12 +634,15 @@ def log_q(eps, logvar):
 #        + S^2 * sum_k W1( stat_k(decoded prior draws), stat_k(data batch) )
 # W1 is the 1-Wasserstein distance between the per-image values of a statistic over a batch
 # of draws and over a data batch: with equal batch sizes, the mean absolute difference of
-# the two sorted vectors. S^2 (the pixels per image) puts it on the scale of the first
-# term's nats. The statistics are soft, so that gradients flow through the frozen decoder
-# into f:
+# the two sorted vectors. Times S^2 (the pixels per image), the proportion term is the W1
+# distance between the draws' and the data's channel pixel counts per image: a per-image
+# quantity, like the first term's nats (the weight 1 was measured, not derived). The draws'
+# statistics are soft, so that gradients flow through the frozen decoder into f:
 #   proportion   = the mean channel probability of an image (the net-to-gross);
 #   row coverage = the mean over rows of each row's largest probability: a channel that
 #                  crosses the image top to bottom covers every row, a broken one does not.
+# The data's are taken on its 0/1 pixels. A blurred draw thus scores a little below a sharp
+# one with the same layout, so the penalty also favours decided pixels.
 # The objective is then no longer the pure ELBO: the flow gives up some fit to the codes
 # (a few nats of KL) for samples with the data's statistics. Evaluation still reports the
 # pure -ELBO and the IWAE bound, so likelihoods stay comparable.
