@@ -710,10 +710,10 @@ def shape_prior(model, train_x, device, steps, batch_size=128, seed=0, log=print
 # each member moves along the regression of the parameters on the predicted data, towards
 # its perturbed observations. For a linear g and Gaussian m it samples the exact Bayesian
 # posterior as the ensemble grows (a test checks it). The decoder is not linear, so each
-# update is only right for a small move: 8 assimilations take smaller steps than the usual
+# update is only right for a small move: 16 assimilations take smaller steps than the usual
 # 4 (measured in results/levers.md).
 
-OBS_SD, ASSIMILATIONS, MEMBERS, TRUTHS = 0.02, 8, 200, 20
+OBS_SD, ASSIMILATIONS, MEMBERS, TRUTHS = 0.02, 16, 200, 20
 
 
 def inflation_factors(n_assimilations):
