@@ -782,9 +782,10 @@ def ensemble_report(probs, wells, obs):
 
 def conditioning_study(model, val_x, device, n_wells=16, obs_sd=OBS_SD,
                        assimilations=ASSIMILATIONS, seed=0, log=print):
-    """ES-MDA on TRUTHS different held-out images and well sets -> (summary dict, the first
-    case for the figure, every case's posterior members (TRUTHS * MEMBERS, 1, S, S) 0/1,
-    the truths' held-out indices). Reported per case, then mean and worst over cases."""
+    """ES-MDA on TRUTHS different held-out images (all of them if fewer) and well sets ->
+    (summary dict, the first case for the figure, every case's posterior members
+    (truths * MEMBERS, 1, S, S) 0/1, the truths' held-out indices). Reported per case, then
+    mean and worst over cases."""
     t0 = time.perf_counter()
     pick = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))[:TRUTHS]
     cases, first, members = [], None, []
@@ -802,12 +803,12 @@ def conditioning_study(model, val_x, device, n_wells=16, obs_sd=OBS_SD,
                       "spread_ratio": spread})
         members.append((res["posterior"] >= 0.5).to(torch.uint8))
         first = first or (val_x[idx], res)
-        log(f"truth {i + 1}/{TRUTHS} (held-out image {idx}, {cases[-1]['channel_wells']} of "
+        log(f"truth {i + 1}/{len(pick)} (held-out image {idx}, {cases[-1]['channel_wells']} of "
             f"{n_wells} wells in a channel): wells honoured {prior['wells_honoured']:.2f} -> "
             f"{post['wells_honoured']:.2f}, pieces {prior['pieces_mean']:.2f} -> "
             f"{post['pieces_mean']:.2f}, proportion {post['proportion']:.3f} (truth "
             f"{cases[-1]['truth_proportion']:.3f}), spread ratio {cases[-1]['spread_ratio']:.2f}")
-    summary = {"truths": TRUTHS, "wells": n_wells, "members": MEMBERS, "obs_sd": obs_sd,
+    summary = {"truths": len(cases), "wells": n_wells, "members": MEMBERS, "obs_sd": obs_sd,
                "assimilations": assimilations, "inflation": inflation_factors(assimilations),
                "prior": model.prior.name, "cases": cases}
     for key, worst in (("wells_honoured", min), ("blur", max), ("pieces_mean", max),
@@ -2300,7 +2301,8 @@ def run_condition(model, val_x, out, device, args, note):
     n_wells, n_a = args.wells, args.assimilations
     if n_wells >= val_x[0].numel():
         raise DataError(f"--wells {n_wells}: an image has only {val_x[0].numel()} pixels")
-    print(f"ES-MDA with the {prior} prior: {TRUTHS} held-out truths, {n_wells} wells each, "
+    print(f"ES-MDA with the {prior} prior: {min(TRUTHS, len(val_x))} held-out truths, "
+          f"{n_wells} wells each, "
           f"{MEMBERS} members, {n_a} assimilations, observation sd {args.obs_sd}")
     summary, (truth, res), members, truths = conditioning_study(
         model, val_x, device, n_wells=n_wells, obs_sd=args.obs_sd, assimilations=n_a)
