@@ -1273,6 +1273,11 @@ def blur(probs):
     return torch.minimum(probs, 1 - probs).mean().item()
 
 
+def near_empty(images):
+    """Share of binary images (N, 1, S, S) with under 5% channel: nearly empty frames."""
+    return (images.float().mean((1, 2, 3)) < 0.05).float().mean().item()
+
+
 def latent_health(mu, logvar=None):
     """Codes of N images, (N, ...) -> active units (latent elements whose mean moves with the
     image: Var_x mu(x) > 0.01, the threshold of Burda et al. 2015; a unit the decoder ignores
@@ -1326,8 +1331,7 @@ def sample_scores(model, z, held, train_x, held_near, device):
     near = nearest(samples, train_x)[0]
     return {"blur": blur(probs), "realism": realism_scores(samples, held),
             "proportion": samples.float().mean().item(),
-            # nearly empty images, under 5% channel: 0.2% of the stand-in's images
-            "near_empty": (samples.float().mean((1, 2, 3)) < 0.05).float().mean().item(),
+            "near_empty": near_empty(samples),
             "diversity": mean_pairwise_hamming(samples) / mean_pairwise_hamming(held),
             # > 1: samples sit farther from the training images than held-out images do
             "memorisation": (near.median() / held_near.median()).item(),
@@ -1420,7 +1424,7 @@ def evaluate(model, train_x, val_x, device, n=1000, seed=0, log=print):
     out["data_pieces_mean"] = out["floor"]["pieces_mean"]
     out["data_spanning_mean"] = out["floor"]["spanning_mean"]
     out["data_proportion"] = floor_set.float().mean().item()
-    out["data_near_empty"] = (floor_set.float().mean((1, 2, 3)) < 0.05).float().mean().item()
+    out["data_near_empty"] = near_empty(floor_set)
     if len(model.latent_shape) > 1:
         out["large_field"] = large_field_scores(model, held, device, seed=seed)[0]
     t_real = time.perf_counter()
@@ -2302,8 +2306,8 @@ def run_condition(model, val_x, out, device, args, note):
     if n_wells >= val_x[0].numel():
         raise DataError(f"--wells {n_wells}: an image has only {val_x[0].numel()} pixels")
     print(f"ES-MDA with the {prior} prior: {min(TRUTHS, len(val_x))} held-out truths, "
-          f"{n_wells} wells each, "
-          f"{MEMBERS} members, {n_a} assimilations, observation sd {args.obs_sd}")
+          f"{n_wells} wells each, {MEMBERS} members, {n_a} assimilations, observation sd "
+          f"{args.obs_sd}")
     summary, (truth, res), members, truths = conditioning_study(
         model, val_x, device, n_wells=n_wells, obs_sd=args.obs_sd, assimilations=n_a)
     conditioning_figure(truth, res, out / "conditioning.png",
