@@ -308,6 +308,11 @@ def build_model(arch, size=64, prior="gaussian", seed=0, **kwargs):
 
 
 # ----------------------------------------------------------------------------- training
+# Default epochs per arch: about 10 minutes of a default command each on 2 CPU cores with
+# bf16 (a fullyconv step costs about 30% more). Most of the sample quality arrives early;
+# the last epochs mostly lower the -ELBO (results/levers.md).
+EPOCHS = {"dense": 24, "fullyconv": 20}
+
 
 def lr_at(step, total, lr):
     """Linear warm-up over the first 200 steps (about half an epoch at the defaults; 10% of a
@@ -1639,7 +1644,7 @@ def compare_data(out, n=5000, seed=1):
 
 
 # ----------------------------------------------------------------------------- benchmark
-BENCH_SECONDS = 10.0            # per timing
+BENCH_SECONDS = 20.0            # per --benchmark; each of its timings takes a quarter
 
 
 def matmul_peak(device, seconds=2.0, n=4096):
@@ -1660,47 +1665,99 @@ def matmul_peak(device, seconds=2.0, n=4096):
     return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def benchmark(model, batch_size, device, seconds, log=print):
-    """Training and sampling img/s on random binary batches, FLOPs per image, and the
-    fraction of the matmul peak that a training step reaches (counted as 3x forward)."""
+class PeerVAE(nn.Module):
+    """For scale only (--benchmark): the shape of the VAE that public solutions of this
+    exercise train, at 64x64: five stride-2 3x3 convs with batch norm (32 ... 512
+    channels, down to 2x2), a dense 512-d latent, a mirrored decoder of 3x3 transposed
+    convs with one more at full size, and a last 3x3 conv. About 4x the FLOPs of this
+    file's models. Same interface as they have, with the N(0, I) prior."""
+
+    def __init__(self, size=64, widths=(32, 64, 128, 256, 512), latent_dim=512):
+        super().__init__()
+        def block(conv, c_in, c_out):
+            return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.LeakyReLU())
+        chans, back = [1, *widths], list(reversed(widths)) + [widths[0]]
+        self.grid, self.widths, self.size = size // 2 ** len(widths), widths, size
+        feat = widths[-1] * self.grid ** 2                                   # 512*2*2
+        self.encoder = nn.Sequential(*[block(nn.Conv2d(a, b, 3, 2, 1), a, b) for a, b in
+                                       zip(chans[:-1], chans[1:])])          # (B, 512, 2, 2)
+        self.mu, self.logvar = nn.Linear(feat, latent_dim), nn.Linear(feat, latent_dim)
+        self.expand = nn.Linear(latent_dim, feat)
+        self.decoder = nn.Sequential(*[block(nn.ConvTranspose2d(a, b, 3, 2, 1, 1), a, b)
+                                       for a, b in zip(back[:-1], back[1:])],  # (B, 32, S, S)
+                                     nn.Conv2d(widths[0], 1, 3, 1, 1))          # (B, 1, S, S)
+        self.latent_shape, self.prior = (latent_dim,), StandardNormal()
+
+    def encode(self, x):
+        h = self.encoder(x).flatten(1)
+        return self.mu(h), self.logvar(h)
+
+    def decode(self, z):
+        return self.decoder(self.expand(z).view(-1, self.widths[-1], self.grid, self.grid))
+
+
+def train_img_per_s(model, x, bf16, seconds, sync):
+    """Training img/s of train_step (Part 1) on the batch x, after a warm-up."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)       # as in train()
+    model.train()
+    return images_per_second(lambda: train_step(model, opt, x, 1.0, 1e-4, bf16), len(x),
+                             seconds, sync)
+
+
+def images_per_second(step, images_per_call, seconds, sync):
+    for _ in range(3):                                         # warm-up
+        step()
+    sync()
+    calls, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds or calls < 5:
+        step()
+        calls += 1
+    sync()
+    return calls * images_per_call / (time.perf_counter() - t)
+
+
+def benchmark(model, batch_size, device, seconds, default_precision, log=print):
+    """Training img/s in fp32 and, where it is native, in bf16, each back to back with the
+    peer shape (PeerVAE); sampling img/s; FLOPs per image, and the share of the fp32 matmul
+    peak that an fp32 training step reaches (counted as 3x forward)."""
     from torch.utils.flop_counter import FlopCounterMode
     size = model.size
     x = (torch.rand(batch_size, 1, size, size, device=device) > 0.8).float()
+    x = x.contiguous(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as counter:
         neg_elbo(model, x, 1.0)
     flops = counter.get_total_flops() / batch_size                  # forward FLOPs per image
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)      # as in train()
-    model.train()
-
-    def timed(step, images_per_call):
-        for _ in range(3):                                         # warm-up
-            step()
-        sync()
-        calls, t = 0, time.perf_counter()
-        while time.perf_counter() - t < seconds / 2 or calls < 5:
-            step()
-            calls += 1
-        sync()
-        return calls * images_per_call / (time.perf_counter() - t)
-
-    train_rate = timed(lambda: train_step(model, opt, x, 1.0, 1e-4), batch_size)   # Part 1
+    torch.manual_seed(0)
+    peer = PeerVAE(size).to(device, memory_format=torch.channels_last)
+    train, vs_peer = {}, {}
+    for p in ["fp32", "bf16"] if bf16_native(device) else ["fp32"]:
+        train[p] = train_img_per_s(model, x, p == "bf16", seconds / 4, sync)
+        vs_peer[p] = train_img_per_s(peer, x, False, seconds / 4, sync)   # as published: fp32
+        log(f"train {p}: {train[p]:.0f} img/s, the peer shape in fp32 {vs_peer[p]:.0f} img/s, "
+            f"{train[p] / vs_peer[p]:.1f}x")
+    rate = train[default_precision]
     model.eval()
     u = torch.randn(1000, *model.latent_shape, device=device)
     with torch.no_grad():                               # sampling = the prior's f(u), then decode
-        sample_rate = timed(lambda: torch.sigmoid(model.decode(model.prior.to_z(u))), len(u))
-    peak = matmul_peak(device, min(seconds / 2, 2.0))
-    achieved = 3 * flops * train_rate / 1e9
+        sample_rate = images_per_second(lambda: torch.sigmoid(model.decode(model.prior.to_z(u))),
+                                        len(u), seconds / 4, sync)
+    peak = matmul_peak(device, min(seconds / 4, 2.0))
+    achieved = 3 * flops * train["fp32"] / 1e9
     result = {"device": device_name(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "batch_size": batch_size, "size": size,
-              "train_img_per_s": train_rate, "epoch_seconds_50k": 50_000 / train_rate,
+              "precision": default_precision, "train_img_per_s": rate,
+              "epoch_seconds_50k": 50_000 / rate,
+              **{f"train_img_per_s_{p}": r for p, r in train.items()},
+              **{f"peer_fp32_img_per_s_beside_{p}": r for p, r in vs_peer.items()},
+              "times_peer": rate / vs_peer[default_precision],
               "sample_img_per_s": sample_rate, "forward_flops_per_image": flops,
-              "train_gflops_per_s": achieved, "matmul_peak_gflops_per_s": peak,
-              "fraction_of_peak": achieved / peak}
-    log(f"train {train_rate:.0f} img/s ({50_000 / train_rate:.0f} s per 50k-image epoch), "
-        f"sample {sample_rate:.0f} img/s, forward {flops / 1e6:.0f} MFLOP/img, train "
-        f"{achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the {peak:.0f} GFLOP/s "
-        f"matmul peak")
+              "train_gflops_per_s_fp32": achieved, "matmul_peak_gflops_per_s": peak,
+              "fraction_of_peak_fp32": achieved / peak}
+    log(f"training ({default_precision}) {rate:.0f} img/s ({50_000 / rate:.0f} s per 50k-image "
+        f"epoch), {result['times_peer']:.1f}x the peer shape; sample {sample_rate:.0f} img/s; "
+        f"forward {flops / 1e6:.0f} MFLOP/img; fp32 training {achieved:.1f} GFLOP/s = "
+        f"{100 * achieved / peak:.0f}% of the {peak:.0f} GFLOP/s fp32 matmul peak")
     return result
 
 
@@ -2097,7 +2154,9 @@ def parse_args(argv=None):
                         "gaussian: the plain VAE, z ~ N(0, I)")
     p.add_argument("--size", type=int, choices=[64, NATIVE],
                    help="image size to train at (default 64; a trained model keeps its own)")
-    p.add_argument("--epochs", type=positive_int, default=28, help="passes over the data")
+    p.add_argument("--epochs", type=positive_int,
+                   help=f"passes over the data (default: {EPOCHS['dense']} dense, "
+                        f"{EPOCHS['fullyconv']} fullyconv)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="peak Adam learning rate")
     p.add_argument("--beta", type=non_negative_float, default=1.0,
@@ -2153,6 +2212,8 @@ def parse_args(argv=None):
                 "no grid)")
     if args.size is None and not (args.evaluate or args.condition or args.sample):
         args.size = 64                  # a trained model keeps its own size
+    if args.epochs is None and args.arch is not None:
+        args.epochs = EPOCHS[args.arch]
     if args.size is not None and args.arch is not None:
         try:                            # build_model checks these flags; report its error
             build_model(args.arch, args.size, args.prior, **model_kwargs(args))
@@ -2367,7 +2428,8 @@ def run_condition(model, val_x, out, device, args, note):
 def run_benchmark(args, device, out):
     """--benchmark -> results/benchmark.json, one entry per arch, batch size and machine: the
     key names the CPU, its kernel capability (AVX512, AVX2, ...) and the threads, or the GPU."""
-    result = benchmark(new_model(args, device), args.batch_size, device, BENCH_SECONDS)
+    result = benchmark(new_model(args, device), args.batch_size, device, BENCH_SECONDS,
+                       precision(args, device))
     path = (Path("results") if args.out is None else out) / "benchmark.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
     machine = result["device"]
