@@ -2432,6 +2432,7 @@ def run_benchmark(args, device, out):
                        precision(args, device))
     path = (Path("results") if args.out is None else out) / "benchmark.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
+    result["code_version"] = code_version()
     machine = result["device"]
     if device.type == "cpu":
         result["capability"] = torch.backends.cpu.get_cpu_capability()
