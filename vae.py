@@ -256,10 +256,10 @@ class StandardNormal(nn.Module):
 def neg_elbo(model, x, beta=1.0, bf16=False):
     """x (B, 1, S, S) -> (loss, rec, kl), each averaged over the batch, in nats per image.
 
-    bf16=True runs the encoder's and the decoder's convolutions in bfloat16 (autocast), which
-    is 1.4-1.6x faster where the hardware does bf16 natively (see `bf16_native`, Part 3).
-    bf16 keeps fp32's range but only 8 bits of mantissa, so the rest stays fp32: the
-    sample z, the prior's KL (the flow's log-determinants) and the sums over 4,096 pixels."""
+    bf16=True runs the encoder's and the decoder's layers in bfloat16 (autocast), which is
+    much faster where the hardware does bf16 natively (see `bf16_native`, Part 3). bf16
+    keeps fp32's range but only 8 bits of mantissa, so the rest stays fp32: the sample z,
+    the prior's KL (the flow's log-determinants) and the sums over S*S pixels."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         mu, logvar = model.encode(x)                # (B, *latent_shape) each
     mu, logvar = mu.to(x.dtype), logvar.to(x.dtype)     # back to x's fp32; no-op without bf16
@@ -309,8 +309,8 @@ def build_model(arch, size=64, prior="gaussian", seed=0, **kwargs):
 
 # ----------------------------------------------------------------------------- training
 # Default epochs per arch: about 10 minutes of a default command each on 2 CPU cores with
-# bf16 (a fullyconv step costs about 30% more). Most of the sample quality arrives early;
-# the last epochs mostly lower the -ELBO (results/levers.md).
+# bf16 (a fullyconv step costs more). Most of the sample quality arrives early; the last
+# epochs mostly lower the -ELBO (results/levers.md).
 EPOCHS = {"dense": 24, "fullyconv": 20}
 
 
@@ -2258,7 +2258,7 @@ def pick_device(name="auto"):
 def bf16_native(device):
     """Whether this device runs bf16 matmuls and convolutions in hardware: CUDA GPUs with
     bf16, and CPUs with AVX-512 BF16 or AMX instructions whose oneDNN may use them (not
-    under ONEDNN_MAX_CPU_ISA=AVX2). Elsewhere bf16 is emulated, and slower than fp32."""
+    under ONEDNN_MAX_CPU_ISA=AVX2). Elsewhere bf16 would be emulated in software."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
