@@ -1173,15 +1173,15 @@ def test_benchmark_flag_writes_json(tmp_path, capsys, monkeypatch):
     saved = saved[key]
     for key in ("train_img_per_s", "sample_img_per_s", "forward_flops_per_image",
                 "train_gflops_per_s_fp32", "matmul_peak_gflops_per_s", "fraction_of_peak_fp32",
-                "device", "torch", "train_img_per_s_fp32", "peer_fp32_img_per_s_beside_fp32",
-                "code_version"):
+                "device", "torch", "train_img_per_s_fp32", "peer_img_per_s_fp32", "code_version"):
         assert key in saved, key
     assert saved["train_img_per_s"] > 0 and 0 < saved["fraction_of_peak_fp32"]
     # the default path is the one training takes; bf16 is timed only where it is native
     p = "bf16" if vae.bf16_native(CPU) else "fp32"
     assert saved["precision"] == p and ("train_img_per_s_bf16" in saved) == (p == "bf16")
     assert saved["train_img_per_s"] == saved[f"train_img_per_s_{p}"]
-    assert saved["times_peer"] == saved["train_img_per_s"] / saved[f"peer_fp32_img_per_s_beside_{p}"]
+    assert saved["times_peer_fp32"] == saved["train_img_per_s"] / saved["peer_img_per_s_fp32"]
+    assert saved["times_peer_same_precision"] == saved["train_img_per_s"] / saved[f"peer_img_per_s_{p}"]
     assert "the peer shape" in out
 
 

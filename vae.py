@@ -256,13 +256,15 @@ class StandardNormal(nn.Module):
 def neg_elbo(model, x, beta=1.0, bf16=False):
     """x (B, 1, S, S) -> (loss, rec, kl), each averaged over the batch, in nats per image.
 
-    bf16=True runs the encoder's and the decoder's layers in bfloat16 (autocast), which is
-    much faster where the hardware does bf16 natively (see `bf16_native`, Part 3). bf16
-    keeps fp32's range but only 8 bits of mantissa, so the rest stays fp32: the sample z,
-    the prior's KL (the flow's log-determinants) and the sums over S*S pixels."""
+    bf16=True runs the encoder's and the decoder's layers, which do almost all the
+    arithmetic, in bfloat16 (autocast): much faster where the hardware does bf16 natively
+    (see `bf16_native`, Part 3). bf16 keeps fp32's exponent range, so unlike fp16 it needs
+    no loss scaling, but it has only 8 bits of mantissa; so the rest stays fp32: the sample
+    z, the prior's KL (the flow's log-determinants) and the sums over S*S pixels."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         mu, logvar = model.encode(x)                # (B, *latent_shape) each
-    mu, logvar = mu.to(x.dtype), logvar.to(x.dtype)     # back to x's fp32; no-op without bf16
+    mu, logvar = mu.to(x.dtype), logvar.to(x.dtype)     # fp32 again (no-op without bf16), so
+    # that eps, z and the KL below are fp32 too
     z, eps = reparameterize(mu, logvar)             # one sample per image
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model.decode(z)                    # (B, 1, S, S)
@@ -1644,7 +1646,7 @@ def compare_data(out, n=5000, seed=1):
 
 
 # ----------------------------------------------------------------------------- benchmark
-BENCH_SECONDS = 20.0            # per --benchmark; each of its timings takes a quarter
+BENCH_SECONDS = 20.0            # each timing of --benchmark takes a quarter of this
 
 
 def matmul_peak(device, seconds=2.0, n=4096):
@@ -1667,10 +1669,10 @@ def matmul_peak(device, seconds=2.0, n=4096):
 
 class PeerVAE(nn.Module):
     """For scale only (--benchmark): the shape of the VAE that public solutions of this
-    exercise train, at 64x64: five stride-2 3x3 convs with batch norm (32 ... 512
-    channels, down to 2x2), a dense 512-d latent, a mirrored decoder of 3x3 transposed
-    convs with one more at full size, and a last 3x3 conv. About 4x the FLOPs of this
-    file's models. Same interface as they have, with the N(0, I) prior."""
+    exercise train: five stride-2 3x3 convs with batch norm (32 ... 512 channels, 64x64 down
+    to 2x2), a dense 512-d latent, and a mirrored decoder of five stride-2 3x3 transposed
+    convs (the fifth, 32 -> 32 channels, reaches full size) and a last 3x3 conv to logits.
+    The interface of DenseVAE and FullyConvVAE, with the N(0, I) prior."""
 
     def __init__(self, size=64, widths=(32, 64, 128, 256, 512), latent_dim=512):
         super().__init__()
@@ -1678,9 +1680,9 @@ class PeerVAE(nn.Module):
             return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.LeakyReLU())
         chans, back = [1, *widths], list(reversed(widths)) + [widths[0]]
         self.grid, self.widths, self.size = size // 2 ** len(widths), widths, size
-        feat = widths[-1] * self.grid ** 2                                   # 512*2*2
+        feat = widths[-1] * self.grid ** 2                          # flattened features
         self.encoder = nn.Sequential(*[block(nn.Conv2d(a, b, 3, 2, 1), a, b) for a, b in
-                                       zip(chans[:-1], chans[1:])])          # (B, 512, 2, 2)
+                                       zip(chans[:-1], chans[1:])])     # (B, C, grid, grid)
         self.mu, self.logvar = nn.Linear(feat, latent_dim), nn.Linear(feat, latent_dim)
         self.expand = nn.Linear(latent_dim, feat)
         self.decoder = nn.Sequential(*[block(nn.ConvTranspose2d(a, b, 3, 2, 1, 1), a, b)
@@ -1718,8 +1720,8 @@ def images_per_second(step, images_per_call, seconds, sync):
 
 def benchmark(model, batch_size, device, seconds, default_precision, log=print):
     """Training img/s in fp32 and, where it is native, in bf16, each back to back with the
-    peer shape (PeerVAE); sampling img/s; FLOPs per image, and the share of the fp32 matmul
-    peak that an fp32 training step reaches (counted as 3x forward)."""
+    peer shape (PeerVAE) in the same precision; sampling img/s (fp32); FLOPs per image, and
+    the share of the fp32 matmul peak that an fp32 training step reaches (3x forward)."""
     from torch.utils.flop_counter import FlopCounterMode
     size = model.size
     x = (torch.rand(batch_size, 1, size, size, device=device) > 0.8).float()
@@ -1730,12 +1732,12 @@ def benchmark(model, batch_size, device, seconds, default_precision, log=print):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     peer = PeerVAE(size).to(device, memory_format=torch.channels_last)
-    train, vs_peer = {}, {}
+    train, peer_rate = {}, {}
     for p in ["fp32", "bf16"] if bf16_native(device) else ["fp32"]:
         train[p] = train_img_per_s(model, x, p == "bf16", seconds / 4, sync)
-        vs_peer[p] = train_img_per_s(peer, x, False, seconds / 4, sync)   # as published: fp32
-        log(f"train {p}: {train[p]:.0f} img/s, the peer shape in fp32 {vs_peer[p]:.0f} img/s, "
-            f"{train[p] / vs_peer[p]:.1f}x")
+        peer_rate[p] = train_img_per_s(peer, x, p == "bf16", seconds / 4, sync)
+        log(f"train {p}: {train[p]:.0f} img/s, the peer shape {peer_rate[p]:.0f} img/s, "
+            f"{train[p] / peer_rate[p]:.1f}x")
     rate = train[default_precision]
     model.eval()
     u = torch.randn(1000, *model.latent_shape, device=device)
@@ -1749,13 +1751,16 @@ def benchmark(model, batch_size, device, seconds, default_precision, log=print):
               "precision": default_precision, "train_img_per_s": rate,
               "epoch_seconds_50k": 50_000 / rate,
               **{f"train_img_per_s_{p}": r for p, r in train.items()},
-              **{f"peer_fp32_img_per_s_beside_{p}": r for p, r in vs_peer.items()},
-              "times_peer": rate / vs_peer[default_precision],
+              **{f"peer_img_per_s_{p}": r for p, r in peer_rate.items()},
+              "times_peer_fp32": rate / peer_rate["fp32"],      # the peer as its authors run it
+              "times_peer_same_precision": rate / peer_rate[default_precision],
               "sample_img_per_s": sample_rate, "forward_flops_per_image": flops,
               "train_gflops_per_s_fp32": achieved, "matmul_peak_gflops_per_s": peak,
               "fraction_of_peak_fp32": achieved / peak}
     log(f"training ({default_precision}) {rate:.0f} img/s ({50_000 / rate:.0f} s per 50k-image "
-        f"epoch), {result['times_peer']:.1f}x the peer shape; sample {sample_rate:.0f} img/s; "
+        f"epoch), {result['times_peer_fp32']:.1f}x the peer shape in fp32 and "
+        f"{result['times_peer_same_precision']:.1f}x in {default_precision}; sample "
+        f"{sample_rate:.0f} img/s; "
         f"forward {flops / 1e6:.0f} MFLOP/img; fp32 training {achieved:.1f} GFLOP/s = "
         f"{100 * achieved / peak:.0f}% of the {peak:.0f} GFLOP/s fp32 matmul peak")
     return result
@@ -1875,7 +1880,8 @@ def safe_load(path, what, device="cpu"):
     import pickletools
     path = check_file(path, what)
     try:
-        with warnings.catch_warnings():     # torch warns about some foreign files: we say why
+        with warnings.catch_warnings():     # torch warns about some foreign files; the
+            # error below says why
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -2259,8 +2265,8 @@ def bf16_native(device):
     """Whether this device runs bf16 matmuls and convolutions in hardware: CUDA GPUs with
     bf16, and CPUs with AVX-512 BF16 or AMX instructions whose oneDNN may use them (not
     under ONEDNN_MAX_CPU_ISA=AVX2). Elsewhere bf16 would be emulated in software."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":                    # Ampere (compute capability 8) and later
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False                                                  # mps: fp32
     has = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
