@@ -1089,7 +1089,7 @@ def horizontal_runs(m):
 
 def connected_components(m):
     """4-connected labelling. m: (B, H, W) bool -> int64 labels, 0 = background, unique
-    across the batch. Each channel pixel starts with its own label; we alternate taking the
+    across the batch. Each channel pixel starts with its own label; the loop alternates taking the
     largest label along every horizontal run and every vertical run until nothing changes
     (a channel that winds k times needs about k rounds, not one round per pixel)."""
     on = m.flatten()
