@@ -1676,16 +1676,16 @@ class PeerVAE(nn.Module):
 
     def __init__(self, size=64, widths=(32, 64, 128, 256, 512), latent_dim=512):
         super().__init__()
-        def block(conv, c_in, c_out):
+        def block(conv, c_out):
             return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.LeakyReLU())
         chans, back = [1, *widths], list(reversed(widths)) + [widths[0]]
         self.grid, self.widths, self.size = size // 2 ** len(widths), widths, size
         feat = widths[-1] * self.grid ** 2                          # flattened features
-        self.encoder = nn.Sequential(*[block(nn.Conv2d(a, b, 3, 2, 1), a, b) for a, b in
+        self.encoder = nn.Sequential(*[block(nn.Conv2d(a, b, 3, 2, 1), b) for a, b in
                                        zip(chans[:-1], chans[1:])])     # (B, C, grid, grid)
         self.mu, self.logvar = nn.Linear(feat, latent_dim), nn.Linear(feat, latent_dim)
         self.expand = nn.Linear(latent_dim, feat)
-        self.decoder = nn.Sequential(*[block(nn.ConvTranspose2d(a, b, 3, 2, 1, 1), a, b)
+        self.decoder = nn.Sequential(*[block(nn.ConvTranspose2d(a, b, 3, 2, 1, 1), b)
                                        for a, b in zip(back[:-1], back[1:])],  # (B, 32, S, S)
                                      nn.Conv2d(widths[0], 1, 3, 1, 1))          # (B, 1, S, S)
         self.latent_shape, self.prior = (latent_dim,), StandardNormal()
@@ -1707,6 +1707,7 @@ def train_img_per_s(model, x, bf16, seconds, sync):
 
 
 def images_per_second(step, images_per_call, seconds, sync):
+    """Calls step() for at least `seconds` (and 5 calls) after 3 warm-up calls -> img/s."""
     for _ in range(3):                                         # warm-up
         step()
     sync()
