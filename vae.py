@@ -31,12 +31,6 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 DATA_URL = ("https://grrjnyzvhu1t.objectstorage.sa-saopaulo-1.oci.customer-oci.com/p/"
             "jflQ-fCMHmA5jLi-DdqElenJTzARdTp61YIzIDpRBI531v05mmWObjM2F1CBTIVL/n/grrjnyzvhu1t/"
             "b/General_ltrace_files/o/deep_esmda/train_images.h5")
-
-
-# =============================================================================================
-# Part 1: the plain VAE
-# =============================================================================================
-# ----------------------------------------------------------------------------- data
 KEY = "train_images"            # the one dataset in the real file: uint8 (N, 128, 128, 1)
 
 
@@ -44,19 +38,13 @@ class DataError(Exception):
     """Bad input: main() prints it as one line and exits with status 2."""
 
 
-def check_file(path, what):
-    """A path where a file belongs must be a file -> Path."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: is a folder, not a {what}" if path.is_dir() else
-                        f"{path}: {what} not found")
-    return path
-
-
+# =============================================================================================
+# Part 1: the plain VAE
+# =============================================================================================
+# ----------------------------------------------------------------------------- data
 def downsample_majority(x):
-    """(N, 1, S, S) uint8 0/1 -> (N, 1, S/2, S/2): the majority of each 2x2 block.
-    Averaging would give grey pixels, and the Bernoulli likelihood below needs binary ones.
-    A 2-2 tie goes to the block's top-left pixel, so neither facies gains."""
+    """(N, 1, S, S) uint8 0/1 -> (N, 1, S/2, S/2): the majority of each 2x2 block, so that
+    pixels stay binary, as the Bernoulli likelihood needs; a 2-2 tie goes to the top-left."""
     n, c, s, _ = x.shape
     block = x.view(n, c, s // 2, 2, s // 2, 2)
     votes = block.sum((3, 5))                                  # (N, 1, S/2, S/2), 0..4
@@ -66,9 +54,12 @@ def downsample_majority(x):
 def load_images(path, size=64, chunk=2000):
     """HDF5 'train_images' (N, S, S, 1) or (N, S, S) of 0/1 -> uint8 (N, 1, size, size), read
     in chunks. S = 2 * size is halved by the vote above; S = size is read as it is."""
-    path = check_file(path, f"file (the real data: {DATA_URL})")
     try:
         f = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found (the real data: {DATA_URL})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a file") from None
     except OSError as e:
         raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
     with f:
@@ -87,9 +78,8 @@ def load_images(path, size=64, chunk=2000):
                 a = d[i:i + chunk].reshape(-1, 1, s, s)
             except (OSError, ValueError) as e:
                 raise DataError(f"{path}: not a readable HDF5 file from image {i} ({e})") from None
-            binary = (a == 0) | (a == 1)
-            if not binary.all():
-                found = np.unique(a[~binary])[:5].tolist()
+            if not ((a == 0) | (a == 1)).all():
+                found = np.unique(a[(a != 0) & (a != 1)])[:5].tolist()
                 raise DataError(f"{path}: the data must be binary (0/1); found {found}")
             x = torch.from_numpy(a.astype(np.uint8))
             out[i:i + len(x)] = downsample_majority(x) if s > size else x
@@ -99,8 +89,7 @@ def load_images(path, size=64, chunk=2000):
 # ----------------------------------------------------------------------------- models
 # Both models share a convolutional trunk: stride-2 convolutions halve the image four times,
 # to (C, S/16, S/16); stride-2 transposed convolutions mirror them (a 4x4 kernel at stride 2
-# covers every output pixel equally often: no checkerboard). The images are a few smooth
-# bands, so narrow widths do, which keeps CPU training practical.
+# covers every output pixel equally often: no checkerboard). Narrow widths do for smooth bands.
 WIDTHS = (16, 32, 64, 128)              # channels after each stride-2 stage
 
 
@@ -148,10 +137,9 @@ class DenseVAE(nn.Module):
 
 
 class FullyConvVAE(nn.Module):
-    """Conv encoder -> 3x3 conv heads -> z, a small image (C, S/16, S/16) -> conv decoder.
-    No nn.Linear anywhere: each latent cell sits over a 16x16-pixel patch, and a larger latent
-    grid decodes to a larger image. The padded 3x3 heads never cover the whole map (a dense
-    layer in disguise would). Shapes: 64x64 images, widths (16, 32, 64, 128), C = 8."""
+    """Conv encoder -> 3x3 conv heads -> z, a small image (C, S/16, S/16) -> conv decoder. No
+    nn.Linear, and no kernel covers the whole map (a dense layer in disguise would): a larger
+    latent grid decodes to a larger image. Shapes: 64x64 images, widths (16, 32, 64, 128), C = 8."""
     arch = "fullyconv"
 
     def __init__(self, size=64, latent_channels=8, widths=WIDTHS):
@@ -178,17 +166,14 @@ ARCHS = {"dense": DenseVAE, "fullyconv": FullyConvVAE}
 
 
 # ----------------------------------------------------------------------------- the loss
-# The ELBO is a lower bound on log p(x) that can be computed; training maximizes it. Its
-# negative, for one image x:
-#   -ELBO(x) = E_q(z|x)[-log p(x|z)] + KL(q(z|x) || p(z))
-#              reconstruction          regularization
+# Training maximizes the ELBO, a lower bound on log p(x) that can be computed. Its negative:
+#   -ELBO(x) = E_q(z|x)[-log p(x|z)] + KL(q(z|x) || p(z))     (reconstruction + regularization)
 # The encoder gives q(z|x) = N(mu, diag sigma^2); the prior is p(z) = N(0, I). The KL pulls
-# every image's q(z|x) towards the prior, so that random draws from the prior land where
-# codes of real images are and decode to images. The expectation is estimated with one
-# sample z per image. p(x|z) is a Bernoulli per pixel, so -log p(x|z) is the binary
-# cross-entropy of the decoder's logits, summed over pixels; the KL of two Gaussians has a
-# closed form (Kingma & Welling 2014, appendix B). Summed over pixels and latent numbers,
-# the terms are in nats (natural-log units) per image. beta weights the KL (1 = the ELBO).
+# every q(z|x) towards the prior, so that random draws from the prior land where the codes
+# of real images are. The expectation is estimated with one sample z per image. p(x|z) is a
+# Bernoulli per pixel, so -log p(x|z) is the binary cross-entropy of the decoder's logits
+# summed over pixels; the KL of two Gaussians has a closed form (Kingma & Welling 2014,
+# appendix B). Summed, both are in nats (natural-log units) per image. beta weights the KL.
 
 def reparameterize(mu, logvar, generator=None):
     """z = mu + sigma * eps, eps ~ N(0, I): a sample of q(z|x) that gradients flow through
@@ -232,11 +217,11 @@ def neg_elbo(model, x, beta=1.0, bf16=False):
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
     with amp:
         mu, logvar = model.encode(x)                  # (B, *latent_shape) each
-    mu, logvar = mu.float(), logvar.float()
+    mu, logvar = mu.to(x.dtype), logvar.to(x.dtype)
     z, eps = reparameterize(mu, logvar)               # (B, *latent_shape)
     with amp:
         logits = model.decode(z)                      # (B, 1, S, S)
-    rec = bernoulli_nll(logits.float(), x).mean()
+    rec = bernoulli_nll(logits.to(x.dtype), x).mean()
     kl = model.prior.kl(mu, logvar, z, eps).mean()
     return rec + beta * kl, rec, kl
 
@@ -252,6 +237,17 @@ def train_step(model, opt, x, beta, lr, bf16=False):
     return loss, rec, kl
 
 
+def build_model(arch, size=64, **kwargs):
+    """The VAE with the N(0, I) prior; kwargs: widths, latent_dim or latent_channels."""
+    widths = kwargs.get("widths", WIDTHS)
+    if size % 2 ** len(widths):
+        raise ValueError(f"size {size} must be divisible by 2^{len(widths)}, a halving per width")
+    model = ARCHS[arch](size=size, **kwargs)
+    model.prior = StandardNormal()
+    return model
+
+
+# ----------------------------------------------------------------------------- training
 def split(images, seed, val_fraction=0.05):
     """A random train/held-out split -> (train, held-out). The real images include shifted
     near-copies of one another, so held-out scores are somewhat optimistic."""
@@ -261,36 +257,20 @@ def split(images, seed, val_fraction=0.05):
 
 
 def to_float(batch, device):
-    """uint8 (B, 1, S, S) -> float32 on the device, one batch at a time, so that 50k images
-    stay uint8 (200 MB). channels_last is the memory layout fast CPU convolutions use."""
+    """uint8 (B, 1, S, S) -> float32 on the device, laid out as fast convolutions want it."""
     return batch.to(device).float().contiguous(memory_format=torch.channels_last)
 
 
-def build_model(arch, size=64, **kwargs):
-    """The VAE with the N(0, I) prior. kwargs: widths, latent_dim (dense) or latent_channels
-    (fullyconv). Bad settings raise ValueError."""
-    widths = kwargs.get("widths", WIDTHS)
-    if size % 2 ** len(widths):
-        raise ValueError(f"size {size} must be divisible by 2^{len(widths)} (one halving per "
-                         f"width)")
-    model = ARCHS[arch](size=size, **kwargs)
-    model.prior = StandardNormal()
-    return model
-
-
-# ----------------------------------------------------------------------------- training
-EPOCHS = {"dense": 24, "fullyconv": 20}     # about 10 minutes each on 2 CPU cores
 BATCH_SIZE = 128
 LR = 2e-3
 KL_WARMUP = 1.0                 # epochs over which beta rises from 0
 HISTORY = ("epoch", "train_rec", "train_kl", "val_rec", "val_kl", "val_loss", "beta", "lr",
-           "seconds", "img_per_s")
+           "seconds")
 
 
 def lr_at(step, total, lr):
-    """The learning rate: a linear ramp over the first 200 steps (10% of a shorter run), so
-    that Adam's running averages settle before full-size steps, then a cosine decay to 5% of
-    lr: big steps early, small ones that settle the decoder at the end."""
+    """A linear ramp over the first 200 steps (10% of a shorter run), so that Adam's averages
+    settle before full steps, then a cosine decay to 5% of lr, which settles the decoder."""
     ramp = min(200, total // 10)
     if step < ramp:
         return lr * (step + 1) / ramp
@@ -299,28 +279,27 @@ def lr_at(step, total, lr):
 
 
 def beta_at(step, warmup_steps, beta):
-    """KL warm-up: beta rises linearly from 0, so the decoder learns to use z before the KL
-    pulls every q(z|x) towards the prior."""
+    """KL warm-up: beta rises from 0, so the decoder learns to use z before the KL pulls."""
     return beta * min(1.0, step / warmup_steps) if warmup_steps > 0 else beta
 
 
 @torch.no_grad()
 def validate(model, images, device, beta, batch_size=500):
     """Mean (loss, rec, kl) in nats per image over uint8 images (N, 1, S, S), at full beta."""
+    was_training = model.training
     model.eval()
     total = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(images), batch_size):
         x = to_float(images[i:i + batch_size], device)
         total += torch.tensor([t.item() for t in neg_elbo(model, x, beta)]) * len(x)
-    model.train()
+    model.train(was_training)
     return (total / len(images)).tolist()
 
 
 def train(model, train_x, val_x, device, epochs, batch_size=BATCH_SIZE, lr=LR, beta=1.0,
           warmup=KL_WARMUP, seed=0, bf16=False, resume=None, on_epoch=None, log=print):
-    """Adam on the -ELBO; train_x, val_x uint8 (N, 1, S, S) -> history: a list per HISTORY
-    key, an entry per epoch. After each epoch, on_epoch(state) gets what a resumed run needs
-    (Part 3 saves it as the checkpoint); resume=state goes on from there."""
+    """Adam on the -ELBO; train_x, val_x uint8 (N, 1, S, S) -> history, a list per HISTORY key.
+    After each epoch on_epoch(state) gets what a resumed run needs; resume=state goes on."""
     steps = len(train_x) // batch_size                          # per epoch
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)   # one kernel for all weights
     history = {k: [] for k in HISTORY}
@@ -344,32 +323,30 @@ def train(model, train_x, val_x, device, epochs, batch_size=BATCH_SIZE, lr=LR, b
             x = to_float(train_x[order[s * batch_size:(s + 1) * batch_size]], device)
             loss, rec, kl = train_step(model, opt, x, b, r, bf16)
             if not loss.isfinite():
-                raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch + 1}, "
-                                         f"step {s + 1}: try a lower --lr or a longer --warmup")
+                raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch + 1}")
             sums += torch.tensor([rec.item(), kl.item()])
             if time.perf_counter() - t_log > 30:                # progress every 30 s
                 t_log = time.perf_counter()
                 rate = (s + 1) * batch_size / (t_log - t0)     # img/s in this epoch
-                log(f"epoch {epoch + 1}/{epochs} step {s + 1}/{steps}  rec {rec.item():6.1f}  "
-                    f"kl {kl.item():5.1f} nats/img  beta {b:.2f}  {rate:4.0f} img/s  "
-                    f"ETA {(steps * epochs - i - 1) * batch_size / rate / 60:.1f} min")
+                left = (steps * epochs - i - 1) * batch_size / rate / 60
+                log(f"epoch {epoch + 1}/{epochs} step {s + 1}/{steps}  rec {rec.item():6.1f}  kl "
+                    f"{kl.item():5.1f}  {rate:4.0f} img/s  ETA {left:.1f} min")
         seconds = time.perf_counter() - t0
         val_loss, val_rec, val_kl = validate(model, val_x, device, beta)
-        row = (epoch + 1, *(sums / steps).tolist(), val_rec, val_kl, val_loss, b, r, seconds,
-               steps * batch_size / seconds)
+        row = (epoch + 1, *(sums / steps).tolist(), val_rec, val_kl, val_loss, b, r, seconds)
         for key, value in zip(HISTORY, row):
             history[key].append(value)
         log(f"epoch {epoch + 1} done: held-out -ELBO {val_loss:.1f} = rec {val_rec:.1f} + kl "
             f"{val_kl:.1f} nats/img ({seconds:.0f} s)")
-        if on_epoch is not None:
-            on_epoch({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                      "rng": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state_all()})
+        if on_epoch:                # Part 3 saves this as the checkpoint
+            on_epoch({"model": model.state_dict(), "optimizer": opt.state_dict(), "history":
+                      history, "rng": torch.get_rng_state(),
+                      "rng_cuda": torch.cuda.get_rng_state_all()})
     return history
 
 
 # ----------------------------------------------------------------------------- samples
-# The product: new images from random latents, u ~ N(0, I) decoded from z = prior.to_z(u).
-# Figures show the decoder's probabilities, channel yellow.
+# The product: new images from random latents z = prior.to_z(u), u ~ N(0, I), decoded.
 
 @torch.no_grad()
 def sample_latents(model, n, generator=None, grid=None):
@@ -387,19 +364,10 @@ def decode_probs(model, z, device, batch_size=500):
                       for i in range(0, len(z), batch_size)])
 
 
-@torch.no_grad()
-def encode_all(model, images, device, batch_size=500):
-    """Posterior means and log-variances of uint8 images -> two (N, *latent_shape) tensors."""
-    out = [model.encode(to_float(images[i:i + batch_size], device))
-           for i in range(0, len(images), batch_size)]
-    return torch.cat([m.cpu() for m, _ in out]), torch.cat([v.cpu() for _, v in out])
-
-
 def slerp(u0, u1, steps):
-    """Great-circle paths from u0 to u1 (P, ...) each -> (steps, P, ...).
-    Two Gaussian draws in d dimensions both have norm about sqrt(d) and are nearly
-    orthogonal, so a straight line between them passes through norm sqrt(d/2), where the
-    prior almost never draws. The great circle keeps the norm."""
+    """Great-circle paths from u0 to u1 (P, ...) each -> (steps, P, ...). Two Gaussian draws
+    in d dimensions have norms near sqrt(d) and are nearly orthogonal, so a straight line
+    between them passes norm sqrt(d/2), where the prior never draws; a great circle does not."""
     a, b = u0.flatten(1), u1.flatten(1)                                     # (P, d)
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
     omega = torch.arccos(cos.clamp(-1, 1)).view(1, -1, 1)                   # (1, P, 1)
@@ -411,81 +379,61 @@ def slerp(u0, u1, steps):
 
 @torch.no_grad()
 def interpolate(model, ends, steps, device):
-    """Decoded paths between latents: ends (2, P, *latent), P starts and P ends ->
-    probabilities (steps, P, 1, S, S). The path runs in the prior's Gaussian noise u."""
+    """Decoded paths in the prior's Gaussian noise u between latents: ends (2, P, *latent), P
+    starts and P ends -> probabilities (steps, P, 1, S, S)."""
     u = model.prior.to_u(ends.flatten(0, 1).to(device)).cpu().view(ends.shape)
     path = slerp(u[0], u[1], steps)                                 # (steps, P, *latent)
     z = model.prior.to_z(path.flatten(0, 1).to(device))
     return decode_probs(model, z, device).view(steps, ends.shape[1], 1, model.size, model.size)
 
 
-@contextmanager
-def atomic(path):
-    """Write to path.tmp, then rename it onto path: an interrupted write leaves no half file."""
-    tmp = Path(f"{path}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_figure(fig, path):
-    with atomic(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-
-
-def show_grid(rows, path, title, row_labels=None, panel=1.3, panel_titles=None):
-    """rows: a list of (N, 1, H, W) tensors in [0, 1], one per figure row -> a PNG at path.
+def show_grid(rows, title, row_labels=None, panel=1.3, panel_titles=None):
+    """rows: a list of (N, 1, H, W) tensors in [0, 1], one per figure row -> a figure.
     panel_titles: per row, None or a title for each panel."""
     ncol = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(panel * ncol, panel * len(rows) + 0.5),
                              squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
     for i, row in enumerate(rows):
-        for j, ax in enumerate(axes[i]):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j >= len(row):
-                ax.axis("off")
-                continue
-            ax.imshow(row[j, 0].float().numpy(), cmap="viridis", vmin=0, vmax=1,
-                      interpolation="nearest")
-            if panel_titles and panel_titles[i]:
-                ax.set_title(panel_titles[i][j], fontsize=7)
-        if row_labels:
-            axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
+        for j, image in enumerate(row):
+            axes[i, j].imshow(image[0].float().numpy(), cmap="viridis", vmin=0, vmax=1,
+                              interpolation="nearest")
+            axes[i, j].set_title(panel_titles[i][j] if panel_titles and panel_titles[i] else "",
+                                 fontsize=7)
+        axes[i, 0].text(-0.08, 0.5, row_labels[i] if row_labels else "", rotation=90,
+                        ha="right", va="center", fontsize=8, transform=axes[i, 0].transAxes)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    save_figure(fig, path)
+    return fig
 
 
 @torch.no_grad()
-def sample_figures(model, val_x, out, device, note, seed=0):
-    """samples.png (48 prior draws) and interpolation.png in out/."""
+def sample_figures(model, val_x, device, note, seed=0):
+    """-> {"samples.png": 48 prior draws, "interpolation.png": paths between latents}"""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     probs = decode_probs(model, sample_latents(model, 48, g), device)        # (48, 1, S, S)
-    show_grid(list(probs.view(6, 8, *probs.shape[1:])), out / "samples.png",
-              f"{note}: decoder probabilities of 48 draws from {model.prior.title}")
+    title = f"{note}: decoder probabilities of 48 draws from {model.prior.title}"
+    samples = show_grid(list(probs.view(6, 8, *probs.shape[1:])), title)
 
     # held-out image r -> held-out image k + r (ends shown), then two pairs of prior draws
     k = min(4, len(val_x) // 2)
-    z_held = encode_all(model, val_x[:2 * k], device)[0].view(2, k, *model.latent_shape)
+    z_held = model.encode(to_float(val_x[:2 * k], device))[0].cpu().view(2, k, *model.latent_shape)
     z_prior = sample_latents(model, 4, g).cpu().view(2, 2, *model.latent_shape)
     frames = interpolate(model, torch.cat([z_held, z_prior], 1), 10, device)  # (10, k+2, 1, S, S)
     rows = [frames[:, r] for r in range(k + 2)]
     for r in range(k):
         rows[r] = torch.cat([val_x[r:r + 1].float(), rows[r], val_x[k + r:k + r + 1].float()])
-    show_grid(rows, out / "interpolation.png",
-              f"{note}: great-circle paths (held-out image -> held-out image, ends shown;\n"
-              f"then prior draw -> prior draw)", row_labels=["held-out"] * k + ["prior"] * 2)
+    paths = show_grid(rows, f"{note}: great-circle paths (held-out image -> held-out image, "
+                      f"ends shown;\nthen prior draw -> prior draw)",
+                      row_labels=["held-out"] * k + ["prior"] * 2)
+    return {"samples.png": samples, "interpolation.png": paths}
 
 
 # `python vae.py --arch dense --prior gaussian` runs load_images -> split -> build_model ->
-# train -> sample_figures (run() in Part 3 adds the plumbing and the measuring).
-# You can stop here: that is the whole VAE. Its random draws come out with too little
-# channel and broken bodies; Part 2 says why, and fixes it.
+# train -> sample_figures, with run() in Part 3. You can stop here: that is the whole VAE.
+# Its random draws come out with too little channel and broken bodies; Part 2 says why.
 
 
 # =============================================================================================
@@ -710,24 +658,21 @@ MEMBERS = 200
 TRUTHS = 20
 
 
-def esmda_update(m, pred, d_obs, obs_sd, alpha, generator=None):
-    """One ES-MDA update. m (N, P), pred = g(m) (N, K), d_obs (K,) -> updated m (N, P)."""
-    n, k = pred.shape
-    dm, dd = m - m.mean(0), pred - pred.mean(0)                      # ensemble anomalies
-    c_md, c_dd = dm.T @ dd / (n - 1), dd.T @ dd / (n - 1)            # (P, K), (K, K)
-    noise = torch.randn(pred.shape, generator=generator, dtype=m.dtype).to(m.device)
-    d = d_obs + math.sqrt(alpha) * obs_sd * noise                    # (N, K) perturbed
-    c_d = obs_sd ** 2 * torch.eye(k, dtype=m.dtype, device=m.device)
-    # solve rather than invert: (C_DD + alpha C_D) X = (d - g(m))^T, then m += X^T C_MD^T
-    x = torch.linalg.solve(c_dd + alpha * c_d, (d - pred).T)         # (K, N)
-    return m + x.T @ c_md.T
-
-
 def esmda(forward, m, d_obs, obs_sd, n_assimilations=ASSIMILATIONS, generator=None):
-    """ES-MDA with constant inflation alpha = N_a, from the prior ensemble m (N, P) ->
-    the posterior ensemble (N, P)."""
+    """ES-MDA with constant inflation alpha = N_a: the prior ensemble m (N, P), forward
+    g(m) (N, K), d_obs (K,) -> the posterior ensemble (N, P)."""
+    alpha = float(n_assimilations)
     for _ in range(n_assimilations):
-        m = esmda_update(m, forward(m), d_obs, obs_sd, float(n_assimilations), generator)
+        pred = forward(m)                                            # (N, K)
+        n, k = pred.shape
+        dm, dd = m - m.mean(0), pred - pred.mean(0)                  # ensemble anomalies
+        c_md, c_dd = dm.T @ dd / (n - 1), dd.T @ dd / (n - 1)        # (P, K), (K, K)
+        noise = torch.randn(pred.shape, generator=generator, dtype=m.dtype).to(m.device)
+        d = d_obs + math.sqrt(alpha) * obs_sd * noise                # (N, K) perturbed
+        c_d = obs_sd ** 2 * torch.eye(k, dtype=m.dtype, device=m.device)
+        # solve rather than invert: (C_DD + alpha C_D) X = (d - g(m))^T, then m += X^T C_MD^T
+        x = torch.linalg.solve(c_dd + alpha * c_d, (d - pred).T)     # (K, N)
+        m = m + x.T @ c_md.T
     return m
 
 
@@ -737,6 +682,8 @@ def condition_on_wells(model, truth, device, n_wells=16, members=MEMBERS, obs_sd
     """ES-MDA on one image: its facies at n_wells random pixels are the data. truth (1, S, S)
     uint8 -> dict: wells (K, 2) as (row, col), obs (K,), and the prior and posterior
     ensembles' decoder probabilities (members, 1, S, S)."""
+    if n_wells >= truth.numel():
+        raise DataError(f"--wells {n_wells}: an image has only {truth.numel()} pixels")
     g = torch.Generator().manual_seed(seed)
     S = truth.shape[-1]
     flat = torch.randperm(S * S, generator=g)[:n_wells]               # (K,) pixel indices
@@ -764,72 +711,54 @@ def ensemble_report(probs, wells, obs):
             "spanning": spanning.float().mean().item(), "spread": mean_pairwise_hamming(m)}
 
 
-def conditioning_study(model, val_x, device, n_wells=16, obs_sd=OBS_SD,
-                       assimilations=ASSIMILATIONS, seed=0, log=print):
+def conditioning_study(model, val_x, device, n_wells=16, seed=0, log=print):
     """ES-MDA on TRUTHS held-out images (all, if fewer), each with its own wells ->
     (summary, the first case for the figure, all posterior members (truths * MEMBERS, 1,
     S, S) 0/1, the truths' held-out indices)."""
     pick = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))[:TRUTHS]
-    cases, members, first = [], [], None
+    cases, members = [], []
     for i, idx in enumerate(pick.tolist()):
-        res = condition_on_wells(model, val_x[idx], device, n_wells, MEMBERS, obs_sd,
-                                 assimilations, seed + i)
+        res = condition_on_wells(model, val_x[idx], device, n_wells, seed=seed + i)
         prior, post = (ensemble_report(res[k], res["wells"], res["obs"])
                        for k in ("prior", "posterior"))
         cases.append({"held_out_index": idx, "prior": prior, "posterior": post,
                       "truth_proportion": val_x[idx].float().mean().item(),
                       "spread_ratio": post["spread"] / prior["spread"]})
         members.append((res["posterior"] >= 0.5).to(torch.uint8))
-        first = first or (val_x[idx], res)
+        if i == 0:
+            first = (val_x[idx], res)                                 # for the figure
         log(f"truth {i + 1}/{len(pick)}: wells honoured {prior['wells_honoured']:.2f} -> "
-            f"{post['wells_honoured']:.2f}, pieces {prior['pieces']:.2f} -> "
-            f"{post['pieces']:.2f}, proportion {post['proportion']:.3f} (truth "
-            f"{cases[-1]['truth_proportion']:.3f})")
-    summary = {"truths": len(cases), "wells": n_wells, "members": MEMBERS, "obs_sd": obs_sd,
-               "assimilations": assimilations, "prior": model.prior.name}
-    for key in ("wells_honoured", "pieces", "spanning", "proportion"):
-        for ens in ("prior", "posterior"):
-            values = [c[ens][key] for c in cases]
-            summary[f"{ens}_{key}"] = {"mean": float(np.mean(values)),
-                                       "worst": min(values) if key != "pieces" else max(values)}
-    ratios = [c["spread_ratio"] for c in cases]
-    summary["spread_ratio"] = {"mean": float(np.mean(ratios)), "worst": min(ratios)}
-    # the members' net-to-gross against the truths' (1 = unbiased)
-    summary["posterior_proportion_over_truth"] = (summary["posterior_proportion"]["mean"] /
-                                                  np.mean([c["truth_proportion"] for c in cases]))
-    summary["cases"] = cases
-    return summary, first, torch.cat(members), pick.tolist()
+            f"{post['wells_honoured']:.2f}, pieces {prior['pieces']:.2f} -> {post['pieces']:.2f}")
+    summary = {"truths": len(cases), "wells": n_wells, "members": MEMBERS, "obs_sd": OBS_SD,
+               "assimilations": ASSIMILATIONS, "prior": model.prior.name}
+    for ens in ("prior", "posterior"):
+        for key in ("wells_honoured", "pieces", "spanning", "proportion"):
+            summary[f"{ens}_{key}"] = float(np.mean([c[ens][key] for c in cases]))
+    summary["spread_ratio"] = float(np.mean([c["spread_ratio"] for c in cases]))
+    # the members' net-to-gross over the truths' (1 = unbiased)
+    summary["posterior_proportion_over_truth"] = (
+        summary["posterior_proportion"] / np.mean([c["truth_proportion"] for c in cases]))
+    summary["worst_posterior_wells_honoured"] = min(c["posterior"]["wells_honoured"] for c in cases)
+    return {**summary, "cases": cases}, first, torch.cat(members), pick.tolist()
 
 
-def conditioning_figure(truth, res, path, title):
-    """The truth with its wells; then for the prior and the posterior ensemble, the mean and
-    sd of the members' facies (thresholded at 0.5) and four members. Wells: red circles in
-    channel, white squares in background, edged so that both show on both facies."""
+def conditioning_figure(truth, res, title):
+    """The truth; then for the prior and the posterior ensemble, the mean and the sd (doubled)
+    of the members' facies (thresholded at 0.5), and four members. Wells: red circles in
+    channel, white squares in background."""
+    rows, titles = [], []
+    for name in ("prior", "posterior"):
+        m = (res[name] >= 0.5).float()                                  # (N, 1, S, S)
+        rows.append(torch.cat([truth[None].float(), m.mean(0, keepdim=True),
+                               2 * m.std(0, keepdim=True), m[:4]]))
+        titles.append(["truth and wells", f"{name}: mean", f"{name}: sd x 2",
+                       *[f"{name} member {i + 1}" for i in range(4)]])
+    fig = show_grid(rows, title, panel=1.6, panel_titles=titles)
     wells, obs = res["wells"], res["obs"].bool()
-    fig, axes = plt.subplots(2, 7, figsize=(7 * 1.6 + 0.9, 2 * 1.6 + 1.1))
-    fig.subplots_adjust(left=0.01, right=0.9, bottom=0.12, top=0.84, wspace=0.05, hspace=0.2)
-    for r, name in enumerate(("prior", "posterior")):
-        members = (res[name] >= 0.5).float()                                # (N, 1, S, S)
-        panels = [(truth.float(), "truth and wells"), (members.mean(0), f"{name} mean"),
-                  (members.std(0) * 2, f"{name} sd (x2)")]
-        panels += [(members[i], f"{name} member {i + 1}") for i in range(4)]
-        for ax, (img, label) in zip(axes[r], panels):
-            shown = ax.imshow(img[0].numpy(), cmap="viridis", vmin=0, vmax=1,
-                              interpolation="nearest")
-            ax.scatter(wells[obs, 1], wells[obs, 0], marker="o", s=36, c="red",
-                       edgecolors="white", linewidths=1, label="well in channel (1)")
-            ax.scatter(wells[~obs, 1], wells[~obs, 0], marker="s", s=28, c="white",
-                       edgecolors="black", linewidths=1, label="well in background (0)")
-            ax.set_title(label, fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    bar = fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.01)
-    bar.set_label("channel: 1 = yellow, 0 = blue\n(mean: share of members; sd doubled)",
-                  fontsize=7)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path)
+    for ax in fig.axes:
+        ax.scatter(wells[obs, 1], wells[obs, 0], marker="o", s=36, c="red", edgecolors="white")
+        ax.scatter(wells[~obs, 1], wells[~obs, 0], marker="s", s=28, c="white", edgecolors="black")
+    return fig
 # =============================================================================================
 # Part 3: measuring and plumbing
 # =============================================================================================
@@ -942,16 +871,13 @@ def synthetic_chunks(n, size=NATIVE, seed=0, chunk=500):
 
 
 def synthetic_data(log=print):
-    """The path of the synthetic stand-in, generated once (50k images, about 20 s)."""
-    fresh = True
+    """The path of the synthetic stand-in, made once (50k images, about 25 s)."""
     if SYNTHETIC_DATA.is_file():
         with h5py.File(SYNTHETIC_DATA, "r") as f:
-            fresh = f.attrs.get("version") != SYNTHETIC_VERSION
-    if fresh:
-        t = time.perf_counter()
-        log(f"generating {SYNTHETIC_N:,} synthetic images -> {SYNTHETIC_DATA} (once) ...")
-        write_h5(SYNTHETIC_DATA, synthetic_chunks(SYNTHETIC_N, seed=0), version=SYNTHETIC_VERSION)
-        log(f"  done in {time.perf_counter() - t:.0f} s")
+            if f.attrs.get("version") == SYNTHETIC_VERSION:
+                return SYNTHETIC_DATA
+    log(f"generating {SYNTHETIC_N:,} synthetic images -> {SYNTHETIC_DATA} (once) ...")
+    write_h5(SYNTHETIC_DATA, synthetic_chunks(SYNTHETIC_N, seed=0), version=SYNTHETIC_VERSION)
     return SYNTHETIC_DATA
 
 
@@ -964,16 +890,14 @@ def real_reference(size):
     return downsample_majority(x) if size < x.shape[-1] else x
 
 
-
 def get_data(path, size, log=print):
-    """--data, else data/train_images.h5 if it is there, else the synthetic stand-in (made
-    once) -> (uint8 images (N, 1, size, size), the file they came from)."""
-    if path is None:
-        path = DEFAULT_DATA
-        if not path.is_file():
-            log(f"{DEFAULT_DATA} not found: using the synthetic stand-in. The real data: {DATA_URL}")
-            path = synthetic_data(log)
-    return load_images(path, size), Path(path)
+    """--data, else data/train_images.h5 if it is there, else the synthetic stand-in ->
+    (uint8 images (N, 1, size, size), the file they came from)."""
+    if path is None and not DEFAULT_DATA.is_file():
+        log(f"{DEFAULT_DATA} not found: using the synthetic stand-in. The real data: {DATA_URL}")
+        path = synthetic_data(log)
+    path = Path(path or DEFAULT_DATA)
+    return load_images(path, size), path
 
 
 # ----------------------------------------------------------------------------- realism scores
@@ -987,15 +911,14 @@ def horizontal_runs(m):
     """m: (B, H, W) bool -> (B, H, W) id of the horizontal run of 1s each pixel is in
     (0 = none). Ids are unique across the whole batch."""
     left = F.pad(m, (1, 0))[..., :-1]                 # the pixel to the left, False at the edge
-    start = m & ~left
-    return torch.cumsum(start.flatten(), 0).view(m.shape) * m
+    return torch.cumsum((m & ~left).flatten(), 0).view(m.shape) * m
 
 
 def connected_components(m):
     """4-connected labelling. m: (B, H, W) bool -> int64 labels, 0 = background, unique
-    across the batch. Each channel pixel starts with its own label; the loop alternates taking the
-    largest label along every horizontal run and every vertical run until nothing changes
-    (a channel that winds k times needs about k rounds, not one round per pixel)."""
+    across the batch. Each channel pixel starts with its own label; the loop alternates
+    taking the largest label along every horizontal run and every vertical run until nothing
+    changes (a channel that winds k times needs about k rounds, not one per pixel)."""
     on = m.flatten()
     if not on.any():                                   # no channel pixel at all
         return torch.zeros(m.shape, dtype=torch.long)
@@ -1014,87 +937,49 @@ def connected_components(m):
     return out.view(m.shape)
 
 
-def piece_table(m):
-    """Per 4-connected piece: its image, and whether it touches the top and the bottom edge.
-    m: (B, H, W) bool -> (label image, owner (P,), top (P,), bottom (P,), inverse (pixels,))"""
+def pieces_and_spanning(m):
+    """Per image of m (B, H, W) bool: its 4-connected channel pieces, and those that run from
+    the top edge to the bottom edge, as flow paths do -> two int64 (B,) tensors."""
     lab = connected_components(m)
-    on = m.flatten()
-    labels, inverse = torch.unique(lab.flatten()[on], return_inverse=True)
-    image = torch.arange(len(m)).repeat_interleave(m[0].numel())[on]
-    owner = torch.zeros(len(labels), dtype=torch.long).scatter_(0, inverse, image)
-    top = torch.isin(labels, lab[:, 0]) & (labels > 0)
-    bottom = torch.isin(labels, lab[:, -1]) & (labels > 0)
-    return lab, owner, top, bottom, inverse
-
-
-def pieces_and_spanning(m, table=None):
-    """Per image: separate channel pieces, and pieces that run from the top edge to the
-    bottom edge. m: (B, H, W) bool -> two int64 (B,) tensors."""
-    _, owner, top, bottom, _ = piece_table(m) if table is None else table
-    return (torch.bincount(owner, minlength=len(m)),
-            torch.bincount(owner[top & bottom], minlength=len(m)))
+    labels, piece_of = torch.unique(lab.flatten()[m.flatten()], return_inverse=True)
+    image = torch.arange(len(m)).repeat_interleave(m[0].numel())[m.flatten()]
+    owner = torch.zeros(len(labels), dtype=torch.long).scatter_(0, piece_of, image)   # (Q,)
+    spans = torch.isin(labels, lab[:, 0]) & torch.isin(labels, lab[:, -1])            # (Q,)
+    return torch.bincount(owner, minlength=len(m)), torch.bincount(owner[spans], minlength=len(m))
 
 
 def run_widths(m):
-    """Widths of horizontal runs of 1s that do not touch the left or right edge (those are
-    cut by the frame): -> (widths (R,), image index (R,))"""
+    """Widths of the horizontal runs of 1s that do not touch the left or right edge (those
+    are cut by the frame): m (B, H, W) bool -> (widths (R,), image index (R,))"""
     ids = horizontal_runs(m)
     lengths = torch.bincount(ids.flatten())
     image = torch.zeros_like(lengths).scatter_(
         0, ids.flatten(), torch.arange(len(m)).repeat_interleave(m[0].numel()))
-    cut = torch.zeros_like(lengths, dtype=torch.bool)
-    cut[ids[..., 0]] = True
-    cut[ids[..., -1]] = True
-    keep = (lengths > 0) & ~cut
-    keep[0] = False
+    keep = lengths > 0
+    keep[ids[..., 0]] = False
+    keep[ids[..., -1]] = False
     return lengths[keep], image[keep]
 
 
 def image_statistics(x):
-    """Per-image statistics of binary images (N, 1, H, W) or (N, H, W) -> dict of (N,) arrays.
-    Used to compare the synthetic stand-in with real images."""
-    m = torch.as_tensor(x).bool().reshape(-1, x.shape[-2], x.shape[-1])
-    n, h, w = m.shape
-    stats = {"proportion": m.float().mean((1, 2)).numpy()}
+    """Per-image statistics of binary images (N, 1, H, W) -> dict of (N,) arrays, to compare
+    the synthetic stand-in with real images."""
+    m = x[:, 0].bool()
     widths, image = run_widths(m)
-    q = np.full((n, 3), np.nan)
-    per_image = np.split(widths.numpy(), np.searchsorted(image.numpy(), np.arange(1, n)))
-    for i, wi in enumerate(per_image):
-        if len(wi):
-            q[i] = np.percentile(wi, [10, 50, 90])
-    stats["width_p10"], stats["width_p50"], stats["width_p90"] = q.T
-    stats["runs_per_row"] = (m & ~F.pad(m, (1, 0))[..., :-1]).float().sum(2).mean(1).numpy()
-    table = piece_table(m)
-    _, owner, _, _, inverse = table
-    stats["pieces"], stats["spanning"] = (v.numpy() for v in pieces_and_spanning(m, table))
-    # Lean: a least-squares line x = a + b y through each piece at least H/2 tall;
-    # lean = -atan(b) in degrees (positive: top-right to bottom-left), averaged per image.
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64),
-                            torch.arange(w, dtype=torch.float64), indexing="ij")
-    on = m.flatten()
-    y, x_ = yy.flatten().repeat(n)[on], xx.flatten().repeat(n)[on]
-
-    def per_piece(v, how="sum"):
-        init = {"sum": 0.0, "amin": math.inf, "amax": -math.inf}[how]
-        out = torch.full((len(owner),), init, dtype=torch.float64)
-        return out.scatter_reduce_(0, inverse, v, how)
-    cnt = per_piece(torch.ones_like(y))
-    my, mx = per_piece(y) / cnt, per_piece(x_) / cnt
-    slope = (per_piece(x_ * y) / cnt - mx * my) / (per_piece(y * y) / cnt - my ** 2).clamp_min(1e-9)
-    tall = per_piece(y, "amax") - per_piece(y, "amin") >= h / 2
-    lean = -torch.rad2deg(torch.atan(slope))
-    total = torch.zeros(n, dtype=torch.float64).index_add_(0, owner[tall], lean[tall])
-    stats["lean"] = (total / torch.bincount(owner[tall], minlength=n)).numpy()
-    return stats
+    per_image = np.split(widths.numpy(), np.searchsorted(image.numpy(), np.arange(1, len(m))))
+    count, spanning = pieces_and_spanning(m)
+    return {"proportion": m.float().mean((1, 2)).numpy(), "pieces": count.numpy(),
+            "top-to-bottom channels": spanning.numpy(),
+            "channel width (median)": np.array([np.median(v) if len(v) else np.nan
+                                                for v in per_image])}
 
 
 def variogram(m, axis):
     """Indicator variogram gamma(h) = 1/2 E[(x(u) - x(u+h))^2] for h = 1..S/2 along
     axis 'x' (columns) or 'y' (rows), pooled over images. m: (B, H, W) -> (S/2,)"""
     m = m.float() if axis == "x" else m.float().transpose(1, 2)
-    lags = range(1, m.shape[-1] // 2 + 1)
-    return torch.stack([0.5 * (m[..., h:] - m[..., :-h]).pow(2).mean() for h in lags])
-
+    return torch.stack([0.5 * (m[..., h:] - m[..., :-h]).pow(2).mean()
+                        for h in range(1, m.shape[-1] // 2 + 1)])
 
 
 def pattern_histogram(m):
@@ -1117,8 +1002,9 @@ def jensen_shannon(p, q):
 
 
 def realism_scores(a, b):
-    """Statistics of binary images a (N, 1, S, S) and how far they are from those of b: the
-    gaps (0 = the same statistics) and a's own values (proportion ... spanning)."""
+    """Binary images a and b (N, 1, S, S) -> the gaps between their statistics (0 = the same)
+    and a's own proportion, share of nearly empty images (under 5% channel), pieces and
+    top-to-bottom channels per image."""
     ma, mb = a[:, 0].bool(), b[:, 0].bool()
     (pieces_a, span_a), (pieces_b, span_b) = pieces_and_spanning(ma), pieces_and_spanning(mb)
     p = mb.float().mean()
@@ -1127,11 +1013,12 @@ def realism_scores(a, b):
               "spanning_gap": (span_a.float().mean() - span_b.float().mean()).abs(),
               "width_w1": wasserstein1(run_widths(ma)[0].float(), run_widths(mb)[0].float()),
               "patterns_jsd": jensen_shannon(pattern_histogram(ma), pattern_histogram(mb))}
-    for axis in ("x", "y"):     # scaled by the variogram's sill p(1 - p)
+    for axis in ("x", "y"):     # relative to the variogram's sill, p(1 - p)
         diff = variogram(ma, axis) - variogram(mb, axis)
         scores[f"variogram_{axis}"] = diff.pow(2).mean().sqrt() / (p * (1 - p))
-    scores.update(proportion=ma.float().mean(), near_empty=near_empty(a),
-                  pieces_mean=pieces_a.float().mean(), spanning_mean=span_a.float().mean())
+    scores.update(proportion=ma.float().mean(), pieces_mean=pieces_a.float().mean(),
+                  near_empty=(ma.float().mean((1, 2)) < 0.05).float().mean(),
+                  spanning_mean=span_a.float().mean())
     return {k: float(v) for k, v in scores.items()}
 
 
@@ -1148,8 +1035,8 @@ def nearest(queries, pool, chunk=4096):
     index = torch.zeros(len(queries), dtype=torch.long)
     for i in range(0, len(pool), chunk):
         d, j = hamming(queries, pool[i:i + chunk]).min(1)
-        closer = d < best
-        best, index = torch.where(closer, d, best), torch.where(closer, j + i, index)
+        index = torch.where(d < best, j + i, index)
+        best = torch.minimum(d, best)
     return best, index
 
 
@@ -1159,21 +1046,24 @@ def mean_pairwise_hamming(x):
     return hamming(x, x)[i, j].mean().item()
 
 
-def blur(probs):
-    """Mean of min(p, 1 - p) over decoder probabilities: 0 = all decided, 0.5 = coin flips."""
-    return torch.minimum(probs, 1 - probs).mean().item()
-
-
-def near_empty(images):
-    """Share of binary images (N, 1, S, S) with under 5% channel: nearly empty frames."""
-    return (images.float().mean((1, 2, 3)) < 0.05).float().mean().item()
-
-
 # ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def encode_all(model, images, device, batch_size=500):
+    """Posterior means and log-variances of uint8 images -> two (N, *latent_shape) tensors."""
+    out = [model.encode(to_float(images[i:i + batch_size], device))
+           for i in range(0, len(images), batch_size)]
+    return torch.cat([m.cpu() for m, _ in out]), torch.cat([v.cpu() for _, v in out])
+
 
 def reconstruct(model, images, device):
     """uint8 images (N, 1, S, S) -> decoder probabilities at their posterior means."""
     return decode_probs(model, encode_all(model, images, device)[0], device)
+
+
+def recon_accuracy(model, images, device):
+    """The share of pixels that the reconstruction, thresholded at 0.5, gets right."""
+    return ((reconstruct(model, images, device) >= 0.5) == images.bool()).float().mean().item()
 
 
 @torch.no_grad()
@@ -1183,28 +1073,13 @@ def sample_scores(model, z, held, train_x, held_near, device):
     probs = decode_probs(model, z, device)
     samples = (probs >= 0.5).to(torch.uint8)
     near = nearest(samples, train_x)[0]
-    return {**realism_scores(samples, held), "blur": blur(probs),
+    return {**realism_scores(samples, held),
+            # blur: 0 = every pixel decided, 0.5 = coin flips
+            "blur": torch.minimum(probs, 1 - probs).mean().item(),
             # mean distance between samples, over that between held-out images
             "diversity": mean_pairwise_hamming(samples) / mean_pairwise_hamming(held),
-            # < 1: samples sit nearer the training images than held-out images do
+            # below 1: samples sit nearer the training images than held-out images do
             "memorisation": (near.median() / held_near.median()).item()}
-
-
-@torch.no_grad()
-def large_field_scores(model, held, device, n=200, seed=0):
-    """fullyconv only: n fields from latent grids twice as wide and tall (4x the area), per
-    unit area (one training image), beside the data's per image."""
-    c, h, w = model.latent_shape
-    z = sample_latents(model, n, torch.Generator().manual_seed(seed), grid=(2 * h, 2 * w))
-    fields = (decode_probs(model, z, device, batch_size=100) >= 0.5)[:, 0]
-    (pieces, spanning), (data_pieces, data_spanning) = (pieces_and_spanning(m) for m in
-                                                        (fields, held[:, 0].bool()))
-    return {"n_fields": n, "field_size": fields.shape[-1],
-            "pieces_per_unit_area": pieces.float().mean().item() / 4,
-            "spanning_per_unit_area": spanning.float().mean().item() / 4,
-            "proportion": fields.float().mean().item(),
-            "data_pieces": data_pieces.float().mean().item(),
-            "data_spanning": data_spanning.float().mean().item()}
 
 
 @torch.no_grad()
@@ -1215,28 +1090,22 @@ def evaluate(model, train_x, val_x, device, n=1000, seed=0, real=None):
     n = min(n, len(val_x) // 2)
     torch.manual_seed(seed)
     held, other = val_x[:n], val_x[n:2 * n]
-    terms = torch.tensor([validate(model, held[i:i + 100], device, 1.0) for i in range(0, n, 100)])
-    sizes = torch.tensor([len(held[i:i + 100]) for i in range(0, n, 100)]).unsqueeze(1)
-    neg, rec, kl = ((terms * sizes).sum(0) / n).tolist()           # nats per image
+    neg, rec, kl = validate(model, held, device, 1.0)               # nats per image
     mu = encode_all(model, held, device)[0]
     out = {"n": n, "prior": model.prior.name, "neg_elbo": neg, "elbo_rec": rec, "elbo_kl": kl,
-           "recon_accuracy": ((reconstruct(model, held, device) >= 0.5) == held.bool())
-           .float().mean().item(),
+           "recon_accuracy": recon_accuracy(model, held, device),
+           "real_recon_accuracy": None if real is None else recon_accuracy(model, real, device),
            # a latent number is active if its posterior mean moves with the image (Burda et
-           # al. 2015): one the decoder ignores stays at the prior, whatever the image
-           "active_units": int((mu.flatten(1).var(0) > 0.01).sum()), "latent_dim": mu[0].numel(),
-           "real_recon_accuracy": None if real is None else
-           ((reconstruct(model, real, device) >= 0.5) == real.bool()).float().mean().item()}
-    # prior samples and the noise floor. "posterior" decodes z ~ q(z|x) of the other n
-    # held-out images: what a prior that matched the codes exactly would give, the best case
+           # al. 2015); one that the decoder ignores stays at the prior whatever the image
+           "active_units": int((mu.flatten(1).var(0) > 0.01).sum()), "latent_dim": mu[0].numel()}
+    # "posterior" decodes z ~ q(z|x) of the other n held-out images: what a prior that
+    # matched the codes exactly would give, the best case for this decoder
     held_near = nearest(held, train_x)[0]
     latents = {model.prior.name: sample_latents(model, n, torch.Generator().manual_seed(seed)),
                "posterior": reparameterize(*encode_all(model, other, device))[0]}
     out["samples"] = {name: sample_scores(model, z, held, train_x, held_near, device)
                       for name, z in latents.items()}
     out["floor"] = realism_scores(other, held)
-    if len(model.latent_shape) > 1:
-        out["large_field"] = large_field_scores(model, held, device, seed=seed)
     return out
 
 
@@ -1251,41 +1120,40 @@ def more_figures(model, train_x, val_x, history, out, device, note, real=None, s
         if x is not None and len(x):
             rows += [x[:8].float(), reconstruct(model, x[:8], device)]
             labels += [name, "recon"]
-    show_grid(rows, out / "reconstructions.png",
-              f"{note}: inputs and reconstructions from the posterior mean", row_labels=labels)
+    save_figure(show_grid(rows, f"{note}: inputs and reconstructions from the posterior mean",
+                          labels), out / "reconstructions.png")
 
     # copying check: prior samples (thresholded) above their nearest training images, and
     # held-out images above theirs, for scale (the data hold shifted near-copies)
     g = torch.Generator().manual_seed(seed)
     samples = (decode_probs(model, sample_latents(model, 8, g), device) >= 0.5).to(torch.uint8)
     (ds, js), (dh, jh) = nearest(samples, train_x), nearest(val_x[:8], train_x)
-    show_grid([samples, train_x[js], val_x[:8], train_x[jh]], out / "nearest.png",
-              f"{note}\neach prior sample and held-out image above its nearest training "
-              f"image; d = Hamming distance to it in pixels",
-              row_labels=["prior sample", "nearest train", "held-out", "nearest train"],
-              panel_titles=[[f"d = {d:.0f}" for d in ds], None, [f"d = {d:.0f}" for d in dh],
-                            None])
+    fig = show_grid([samples, train_x[js], val_x[:8], train_x[jh]],
+                    f"{note}\neach prior sample and held-out image above its nearest training "
+                    f"image; d = Hamming distance to it in pixels",
+                    ["prior sample", "nearest train", "held-out", "nearest train"],
+                    panel_titles=[[f"d = {d:.0f}" for d in ds], None,
+                                  [f"d = {d:.0f}" for d in dh], None])
+    save_figure(fig, out / "nearest.png")
 
     if len(model.latent_shape) > 1:        # only a fully convolutional decoder can do this
         c, h, w = model.latent_shape
         fields = decode_probs(model, sample_latents(model, 6, g, grid=(2 * h, 2 * w)), device)
-        show_grid([fields[:3], fields[3:]], out / "large_field.png",
-                  f"{note}: six {fields.shape[-1]}x{fields.shape[-1]} fields (4x the training "
-                  f"area)\nfrom ({c}, {2 * h}, {2 * w}) latent grids through {model.prior.title}",
-                  panel=3.2)
+        fig = show_grid([fields[:3], fields[3:]], f"{note}: six {fields.shape[-1]}x"
+                        f"{fields.shape[-1]} fields (4x the training area)\nfrom ({c}, {2 * h}, "
+                        f"{2 * w}) latent grids through {model.prior.title}", panel=3.2)
+        save_figure(fig, out / "large_field.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, term in zip(axes, ("rec", "kl")):
         train, val = history[f"train_{term}"], history[f"val_{term}"]
         ax.plot(history["epoch"], train, "o-", label="train")
         ax.plot(history["epoch"], val, "s-", label="held-out")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("nats per image")
+        ax.set(xlabel="epoch", ylabel="nats per image",
+               title={"rec": "reconstruction  -log p(x|z)", "kl": "KL(q(z|x) || p(z))"}[term])
         ax.legend()
-        ax.set_title({"rec": "reconstruction  -log p(x|z)", "kl": "KL(q(z|x) || p(z))"}[term])
         if len(train) > 2:             # scale to epochs 2+: epoch 1 would flatten the rest
-            lo, hi = min(train[1:] + val[1:]), max(train[1:] + val[1:])
-            ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+            ax.set_ylim(min(train[1:] + val[1:]) * 0.98, max(train[1:] + val[1:]) * 1.02)
     fig.suptitle(f"{note}: loss terms per epoch (the first may lie above the axis)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out / "losses.png")
@@ -1302,67 +1170,55 @@ RUNS = [(f"{a}{suffix}", a, label) for a in ARCHS               # (folder, arch,
 
 
 def write_comparison(results_dir, held, device):
-    """results/comparison.md: the runs in results_dir side by side with the noise floor and
-    the data; results/samples_side_by_side.png: real images, data and each run's samples."""
-    runs = {f: json.loads((results_dir / f / "metrics.json").read_text()) for f, _, _ in RUNS
+    """results/comparison.md: the runs in results_dir beside the noise floor and the data;
+    results/samples_side_by_side.png: real images, data and each run's prior samples."""
+    runs = {f: read_json(results_dir / f / "metrics.json") for f, _, _ in RUNS
             if (results_dir / f / "metrics.json").is_file()}
     if not runs:
         return
-    cols = []                                   # (folder, samples, header)
+    cols = []                                   # (metrics, whose samples, header)
     for folder, arch, label in RUNS:
         if folder in runs:
-            cols.append((folder, runs[folder]["prior"], f"{arch}: {label}"))
+            cols.append((runs[folder], runs[folder]["prior"], f"{arch}: {label}"))
             if folder == arch:
-                cols.append((folder, "posterior", f"{arch}: posterior (best case)"))
+                cols.append((runs[folder], "posterior", f"{arch}: posterior (best case)"))
     first = next(iter(runs.values()))
     floor = first["floor"]
-    rows = [[key, *[f"{runs[f]['samples'][p][key]:.4f} ({runs[f]['samples'][p][key] / value:.0f}x)"
-                    for f, p, _ in cols], f"{value:.4f}"]
+    rows = [[key, *[f"{m['samples'][p][key]:.4f} ({m['samples'][p][key] / max(value, 1e-12):.0f}x)"
+                    for m, p, _ in cols], f"{value:.4f}"]
             for key, value in floor.items() if key.endswith(("_w1", "_gap", "_jsd", "_x", "_y"))]
-    for key in ("proportion", "near_empty", "pieces_mean", "spanning_mean", "blur",
-                "diversity", "memorisation"):
-        rows.append([key, *[f"{runs[f]['samples'][p][key]:.3f}" for f, p, _ in cols],
-                     f"{floor[key]:.3f}" if key in floor else ""])
+    rows += [[key, *[f"{m['samples'][p][key]:.3f}" for m, p, _ in cols],
+              f"{floor[key]:.3f}" if key in floor else ""]
+             for key in ("proportion", "near_empty", "pieces_mean", "spanning_mean", "blur",
+                         "diversity", "memorisation")]
+    # properties of a model rather than of its samples, not repeated in the best-case columns
     for key in ("neg_elbo", "elbo_rec", "elbo_kl", "recon_accuracy", "real_recon_accuracy",
-                "active_units", "latent_dim", "train_minutes", "train_img_per_s"):
-        rows.append([key, *["" if p == "posterior" or runs[f].get(key) is None else
-                            f"{runs[f][key]:.4g}" for f, p, _ in cols], ""])
-    for key in ("train_device", "code_version"):
-        rows.append([key, *["" if p == "posterior" else str(runs[f].get(key)) for f, p, _ in cols], ""])
-    text = (f"{first['n']} prior samples of each model against {first['n']} held-out images of "
-            f"{first['data']}; the noise floor scores another {first['n']} held-out images the "
-            f"same way (value, and in brackets its multiple of the floor). \"posterior (best "
-            f"case)\" decodes z ~ q(z|x) of those other held-out images: what a prior that "
-            f"matched the codes exactly would give.\n\n"
-            + markdown_table(["metric", *[c[2] for c in cols], "noise floor / data"], rows))
-    for f, m in runs.items():
-        if "large_field" in m:
-            lf = m["large_field"]
-            text += (f"\n{f}: {lf['n_fields']} fields of {lf['field_size']}x{lf['field_size']} "
-                     f"pixels from latent grids twice as wide and tall, per unit area (one "
-                     f"training image). Such a field holds twice the channels of an image, each "
-                     f"twice as long, so the data's top-to-bottom channels per unit area are "
-                     f"half those per image.\n\n" + markdown_table(
-                         ["statistic", "large fields", "data"],
-                         [["pieces per unit area", f"{lf['pieces_per_unit_area']:.3f}",
-                           f"{lf['data_pieces']:.3f}"],
-                          ["top-to-bottom channels per unit area",
-                           f"{lf['spanning_per_unit_area']:.3f}", f"{lf['data_spanning'] / 2:.3f}"],
-                          ["proportion", f"{lf['proportion']:.3f}", f"{floor['proportion']:.3f}"]]))
-    write_text(results_dir / "comparison.md", text)
+                "active_units", "train_minutes", "train_img_per_s", "train_device"):
+        cells = [m.get(key) if p != "posterior" else None for m, p, _ in cols]
+        rows.append([key, *["" if v is None else v if isinstance(v, str) else f"{v:.4g}"
+                            for v in cells], ""])
+    rows.append(["code version", *["" if p == "posterior" else m["code_version"]["git_commit"]
+                                   for m, p, _ in cols], ""])
+    write_text(results_dir / "comparison.md",
+               f"{first['n']} prior samples of each model against {first['n']} held-out images of "
+               f"{first['data']}; the noise floor scores another {first['n']} held-out images the "
+               f"same way: the value, and in brackets its multiple of the floor. \"posterior (best "
+               f"case)\" decodes z ~ q(z|x) of those other held-out images, what a prior that "
+               f"matched the codes exactly would give.\n\n"
+               + markdown_table(["metric", *[c[2] for c in cols], "noise floor / data"], rows))
 
     real = real_reference(held.shape[-1])
-    rows, labels = [held[:10].float()], ["synthetic" if "synthetic" in first["data"] else "data"]
-    if real is not None:
-        rows, labels = [real[:10].float(), *rows], ["real", *labels]
+    rows = [held[:10].float()] if real is None else [real[:10].float(), held[:10].float()]
+    labels = ([] if real is None else ["real"]) + [first["data"].replace("the ", "")]
     for folder, arch, label in RUNS:
         if folder in runs and (results_dir / folder / "model.pt").is_file():
             model = load_model(results_dir / folder / "model.pt", device)
-            rows.append(decode_probs(model, sample_latents(model, 10, torch.Generator().manual_seed(1)),
-                                     device))
+            rows.append(decode_probs(model, sample_latents(model, 10, torch.Generator()
+                                                           .manual_seed(1)), device))
             labels.append(f"{arch}, {label}")
-    show_grid(rows, results_dir / "samples_side_by_side.png", "real images (re-digitized), "
-              "training data, and decoder probabilities of prior samples of each VAE", labels)
+    fig = show_grid(rows, "real images (re-digitized), training data, and decoder probabilities "
+                    "of prior samples of each VAE", labels)
+    save_figure(fig, results_dir / "samples_side_by_side.png")
 
 
 def compare_data(out, n=5000, seed=1):
@@ -1383,16 +1239,33 @@ def compare_data(out, n=5000, seed=1):
                             "synthetic mean inside real range"], rows)
     write_text(out / "data_comparison.md", f"Made by `python vae.py --compare-data` ({n} "
                f"synthetic images, seed {seed}).\n\n{table}")
-    show_grid([real.float(), synth[:len(real)].float()], out / "data_real_vs_synthetic.png",
-              "top: 13 real images (re-digitized); bottom: 13 synthetic stand-in images",
-              ["real", "synthetic"])
+    fig = show_grid([real.float(), synth[:len(real)].float()], "top: 13 real images "
+                    "(re-digitized); bottom: 13 synthetic stand-in images", ["real", "synthetic"])
+    save_figure(fig, out / "data_real_vs_synthetic.png")
     print(table, end="")
 
 
 # ------------------------------------------------------------------ files and checkpoints
-# Every file is written to a temporary name and renamed (atomic, Part 1), so that a crash or
-# Ctrl-C midway leaves the old file or none, never half of one. Model files hold plain
-# tensors and values only, and are loaded with weights_only=True, which refuses pickled code.
+# Every file is written to a temporary name and renamed, so that a crash or Ctrl-C midway
+# leaves the old file or none, never half of one. Model files hold plain tensors and values
+# only, and are loaded with weights_only=True, which refuses pickled code.
+
+@contextmanager
+def atomic(path):
+    """Write to path.tmp, then rename it onto path."""
+    tmp = Path(f"{path}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_figure(fig, path):
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
 
 def write_text(path, text):
     with atomic(path) as tmp:
@@ -1420,12 +1293,27 @@ def write_samples(model, n, path, device, grid=None, seed=0, batch_size=500):
     """--sample: n prior samples, thresholded at 0.5 -> path, uint8 (n, S, S, 1)."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
+    parts = ((decode_probs(model, sample_latents(model, min(batch_size, n - i), g, grid), device)
+              >= 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy() for i in range(0, n, batch_size))
+    write_h5(path, parts, arch=model.arch, prior=model.prior.name, seed=seed)
 
-    def parts():
-        for i in range(0, n, batch_size):
-            z = sample_latents(model, min(batch_size, n - i), g, grid)
-            yield (decode_probs(model, z, device) >= 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    write_h5(path, parts(), arch=model.arch, prior=model.prior.name, seed=seed)
+
+def code_version():
+    """Which code made a file: the sha256 of this vae.py (12 hex digits) and, in a git
+    checkout, the commit, with "+changes" when vae.py differs from it."""
+    import hashlib
+    import subprocess
+    here = Path(__file__).resolve()
+    git = ["git", "-C", str(here.parent)]
+    try:
+        commit = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or None
+        if commit and subprocess.run(git + ["diff", "--quiet", "HEAD", "--", here.name]).returncode:
+            commit += "+changes"
+    except OSError:                                 # no git: the hash alone names the code
+        commit = None
+    return {"vae_py_sha256": hashlib.sha256(here.read_bytes()).hexdigest()[:12],
+            "git_commit": commit}
 
 
 def model_config(model):
@@ -1436,30 +1324,17 @@ def model_config(model):
     return cfg
 
 
-def code_version():
-    """Which code made a file: the sha256 of this vae.py (12 hex digits) and, in a git
-    checkout, the commit, with "+changes" when vae.py differs from it."""
-    import hashlib
-    import subprocess
-    here = Path(__file__).resolve()
-    version = {"vae_py_sha256": hashlib.sha256(here.read_bytes()).hexdigest()[:12],
-               "git_commit": None}
-    git = ["git", "-C", str(here.parent)]
-    try:
-        commit = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
-        changed = subprocess.run(git + ["status", "--porcelain", "--", here.name],
-                                 capture_output=True, text=True, timeout=10).stdout.strip()
-        if commit.returncode == 0:
-            version["git_commit"] = commit.stdout.strip() + ("+changes" if changed else "")
-    except (OSError, subprocess.SubprocessError):
-        pass                                      # no git: the hash alone names the code
-    return version
+def build_from_config(cfg, seed=0):
+    """build_model, then the flow prior where cfg asks for it."""
+    cfg = dict(cfg)
+    prior = cfg.pop("prior")
+    model = build_model(cfg.pop("arch"), **cfg)
+    return add_flow_prior(model, seed) if prior == "flow" else model
 
 
 def load_file(path, what, device="cpu"):
-    """torch.load with weights_only=True: plain tensors and containers only. Any failure,
-    including a refused pickled object, ends in one line."""
+    """torch.load with weights_only=True: plain tensors and containers only. Every failure,
+    a refused pickled object included, ends in one line."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -1480,14 +1355,6 @@ def check_matches(path, cfg, **want):
                             f"asks for {value}")
 
 
-def build_from_config(cfg, seed=0):
-    """build_model, then the flow prior where cfg asks for it."""
-    cfg = dict(cfg)
-    prior = cfg.pop("prior")
-    model = build_model(cfg.pop("arch"), **cfg)
-    return add_flow_prior(model, seed) if prior == "flow" else model
-
-
 def save_model(model, path):
     """model.pt: the weights and the config that rebuilds the model (no pickled code)."""
     with atomic(path) as tmp:
@@ -1505,123 +1372,93 @@ def load_model(path, device="cpu"):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-def write_history(path, history):
-    lines = [",".join(history), *(",".join(map(str, row)) for row in zip(*history.values()))]
-    write_text(path, "\n".join(lines) + "\n")
+def read_json(path, default=None):
+    return json.loads(path.read_text()) if path.is_file() else default
 
 
-def read_history(path):
-    """history.csv -> the dict of lists that train returns (empty lists without the file)."""
-    lines = path.read_text().splitlines() if path.is_file() else [",".join(HISTORY)]
-    keys = lines[0].split(",")
-    rows = [list(map(float, line.split(","))) for line in lines[1:]]
-    return {k: [r[i] for r in rows] for i, k in enumerate(keys)}
+def write_json(path, value):
+    write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- command line
-
-def positive_int(text):
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return int(text)
+EPOCHS = {"dense": 24, "fullyconv": 20}     # about 10 minutes each on 2 CPU cores
 
 
-def non_negative_int(text):
-    if int(text) < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text}")
-    return int(text)
-
-
-def finite_float(minimum, allow_minimum):
-    """A type for argparse: a finite number above (or at) minimum."""
+def number(cast, low, strict=False):
+    """A type for argparse: a finite number >= low (> low if strict)."""
     def parse(text):
-        value = float(text)
-        if not math.isfinite(value) or value < minimum or (value == minimum and not allow_minimum):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if allow_minimum else '>'} "
-                                             f"{minimum}, not {text}")
+        value = cast(text)
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} "
+                                             f"{low}, not {text}")
         return value
     return parse
 
 
 def widths_list(text):
     """--widths "16,32,64,128" -> (16, 32, 64, 128)"""
-    try:
-        widths = tuple(int(w) for w in text.split(","))
-    except ValueError:
-        widths = ()
-    if not widths or min(widths) < 1:
+    widths = tuple(int(w) for w in text.split(",") if w.isdigit())
+    if len(widths) != len(text.split(",")) or min(widths, default=0) < 1:
         raise argparse.ArgumentTypeError(f"comma-separated positive integers, not {text}")
     return widths
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train VAEs that generate channel facies images.")
+    count = number(int, 1)
     p.add_argument("--arch", choices=list(ARCHS),
                    help="dense: vector latent; fullyconv: no dense layer (required, except "
                         "with --compare-data)")
     p.add_argument("--prior", choices=["flow", "gaussian"], default="flow",
-                   help="flow: a learned prior z = f(u), u ~ N(0, I); gaussian: the plain VAE's "
-                        "N(0, I) (default: %(default)s)")
+                   help="flow: learned, z = f(u); gaussian: the plain VAE's N(0, I) "
+                        "(default: %(default)s)")
     p.add_argument("--size", type=int, choices=[64, NATIVE],
                    help="image size to train at (default: 64; a trained model keeps its own)")
-    p.add_argument("--epochs", type=positive_int,
-                   help=f"passes over the data (default: {EPOCHS['dense']} dense, "
-                        f"{EPOCHS['fullyconv']} fullyconv)")
-    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
-                   help="images per step (default: %(default)s)")
-    p.add_argument("--lr", type=finite_float(0, False), default=LR,
-                   help="peak Adam learning rate (default: %(default)s)")
-    p.add_argument("--beta", type=finite_float(0, True), default=1.0,
-                   help="KL weight; 1 = the true ELBO (default: %(default)s)")
-    p.add_argument("--warmup", type=finite_float(0, True), default=KL_WARMUP,
+    p.add_argument("--epochs", type=count, help=f"passes over the data (default: "
+                   f"{EPOCHS['dense']} dense, {EPOCHS['fullyconv']} fullyconv)")
+    p.add_argument("--batch-size", type=count, default=BATCH_SIZE, help="(default: %(default)s)")
+    p.add_argument("--lr", type=number(float, 0, strict=True), default=LR,
+                   help="peak learning rate (default: %(default)s)")
+    p.add_argument("--beta", type=number(float, 0), default=1.0,
+                   help="KL weight; 1 = the ELBO (default: %(default)s)")
+    p.add_argument("--warmup", type=number(float, 0), default=KL_WARMUP,
                    help="epochs over which the KL weight rises from 0 (default: %(default)s)")
-    p.add_argument("--shape-steps", type=non_negative_int, default=1000,
-                   help="steps of the last phase that shapes the flow prior through the frozen "
-                        "decoder; 0 skips it (default: %(default)s)")
-    p.add_argument("--latent-dim", type=positive_int, default=32,
-                   help="dense: latent vector length (default: %(default)s)")
-    p.add_argument("--latent-channels", type=positive_int, default=8,
-                   help="fullyconv: latent channels on a size/16 grid (default: %(default)s)")
+    p.add_argument("--shape-steps", type=number(int, 0), default=1000,
+                   help="steps shaping the flow prior through the frozen decoder; 0 skips them "
+                        "(default: %(default)s)")
+    p.add_argument("--latent-dim", type=count, default=32, help="dense (default: %(default)s)")
+    p.add_argument("--latent-channels", type=count, default=8,
+                   help="fullyconv, on a size/16 grid (default: %(default)s)")
     p.add_argument("--widths", type=widths_list, default=WIDTHS, metavar="W1,W2,...",
                    help=f"channels per stride-2 stage (default: {','.join(map(str, WIDTHS))})")
-    p.add_argument("--fp32", action="store_true",
-                   help="train in fp32 also where bf16 is native (default: bf16 for the encoder "
-                        "and decoder on CPUs with AVX-512 BF16 or AMX, and on bf16 GPUs)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 (default: bf16 in the encoder "
+                   "and decoder where the CPU or GPU has it natively)")
     p.add_argument("--seed", type=int, default=0,
-                   help="sets the split, the initial weights and the noise (default: %(default)s)")
-    p.add_argument("--data", type=Path, help=f"HDF5 file (default: {DEFAULT_DATA} if it exists, "
-                                             f"else the synthetic stand-in)")
-    p.add_argument("--out", type=Path,
-                   help="output folder (default: results/<arch>, or results/<arch>-gaussian)")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda, mps, ... (default: auto, which picks cuda, then mps, then cpu)")
+                   help="sets the split, the weights and the noise (default: %(default)s)")
+    p.add_argument("--data", type=Path, help=f"HDF5 file (default: {DEFAULT_DATA}, else the "
+                                             f"synthetic stand-in)")
+    p.add_argument("--out", type=Path, help="output folder (default: results/<arch>[-gaussian])")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps, ... (default: auto)")
     p.add_argument("--resume", type=Path, nargs="?", const="auto", metavar="CKPT",
-                   help="continue from a checkpoint (default: <out>/checkpoint.pt)")
-    p.add_argument("--eval-n", type=positive_int, default=1000,
-                   help="prior samples scored (default: %(default)s)")
+                   help="go on from a checkpoint (default: <out>/checkpoint.pt)")
+    p.add_argument("--eval-n", type=count, default=1000,
+                   help="samples scored (default: %(default)s)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--evaluate", action="store_true",
-                      help="metrics and figures from <out>/model.pt, no training")
-    mode.add_argument("--sample", type=positive_int, metavar="N",
-                      help="write N prior samples of <out>/model.pt to <out>/samples.h5")
-    mode.add_argument("--condition", action="store_true",
-                      help="ES-MDA: condition <out>/model.pt's samples on wells of held-out images")
+                      help="figures and metrics of <out>/model.pt")
+    mode.add_argument("--sample", type=count, metavar="N", help="N samples -> <out>/samples.h5")
+    mode.add_argument("--condition", action="store_true", help="ES-MDA on wells of held-out images")
     mode.add_argument("--compare-data", action="store_true", help="real vs synthetic statistics")
-    p.add_argument("--grid", type=positive_int, metavar="G",
-                   help="--sample with fullyconv: a G x G latent grid (default: size/16)")
-    p.add_argument("--wells", type=positive_int, default=16,
-                   help="--condition: observed pixels per truth (default: %(default)s)")
-    p.add_argument("--assimilations", type=positive_int, default=ASSIMILATIONS,
-                   help="--condition: ES-MDA steps (default: %(default)s)")
-    p.add_argument("--obs-sd", type=finite_float(0, False), default=OBS_SD,
-                   help="--condition: observation error sd at a well (default: %(default)s)")
+    p.add_argument("--grid", type=count, metavar="G",
+                   help="--sample, fullyconv: a G x G latent grid (default: size/16)")
+    p.add_argument("--wells", type=count, default=16, help="--condition (default: %(default)s)")
     args = p.parse_args(argv)
     if args.arch is None and not args.compare_data:
         p.error("argument --arch: required (dense or fullyconv), except with --compare-data")
     if args.grid is not None and (args.arch != "fullyconv" or args.sample is None):
         p.error("argument --grid: only with --sample and --arch fullyconv")
     if args.size is None and not (args.evaluate or args.condition or args.sample):
-        args.size = 64                  # a trained model keeps its own size
+        args.size = 64
     if args.epochs is None and args.arch is not None:
         args.epochs = EPOCHS[args.arch]
     if args.size is not None and args.arch is not None:
@@ -1632,38 +1469,27 @@ def parse_args(argv=None):
     return args
 
 
-def model_kwargs(args):
-    """The model-size flags that build_model takes for args.arch."""
-    return {"widths": args.widths, **({"latent_dim": args.latent_dim} if args.arch == "dense"
-                                      else {"latent_channels": args.latent_channels})}
-
-
 def new_model(args, device):
     """The untrained model that args describe: the same VAE weights under either prior."""
     torch.manual_seed(args.seed)
-    cfg = {"arch": args.arch, "size": args.size, "prior": args.prior, **model_kwargs(args)}
+    size = {"latent_dim": args.latent_dim} if args.arch == "dense" else \
+        {"latent_channels": args.latent_channels}
+    cfg = {"arch": args.arch, "size": args.size, "prior": args.prior, "widths": args.widths, **size}
     return build_from_config(cfg, args.seed).to(device, memory_format=torch.channels_last)
 
 
 def pick_device(name):
-    """--device -> torch.device; a device that this torch or machine lacks is an input error."""
+    """--device -> torch.device; one that this torch or machine lacks is an input error."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else
+                            "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise DataError(f"--device {name}: not a device name torch knows (cpu, cuda, mps, "
-                        f"...)") from None
-    build = f"this torch ({torch.__version__})"
-    if device.type == "cuda" and torch.version.cuda is None:
-        raise DataError(f"--device {name}: {build} is a CPU-only build; install a CUDA build "
-                        f"(pytorch.org) or use --device cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: {build} finds no usable GPU; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DataError(f"--device {name}: {build} finds no Apple GPU; use --device cpu")
+        torch.empty(1, device=device)          # torch's own word on whether it can use it
+    except (RuntimeError, AssertionError) as e:
+        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build"
+        raise DataError(f"--device {name}: {str(e).splitlines()[0]} (torch {torch.__version__}, "
+                        f"{build}); use --device cpu") from None
     return device
 
 
@@ -1682,23 +1508,10 @@ def bf16_native(device):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
-def check_writable(folder):
-    """Fail before training, not after, if results cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".write_test.tmp").write_bytes(b"x")
-        (folder / ".write_test.tmp").unlink()
-    except OSError as e:
-        raise DataError(f"{folder}: cannot write results there ({e.strerror or e})") from None
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+             if line.startswith("model name")]
+    return f"{names[0] if names else device.type}, {os.cpu_count()} cores"
 
 
 def train_and_save(model, train_x, val_x, args, device, out, config, resume):
@@ -1722,21 +1535,21 @@ def train_and_save(model, train_x, val_x, args, device, out, config, resume):
         print(f"interrupted: {saved}; the same command with --resume goes on", file=sys.stderr)
         raise SystemExit(130) from None
     config["train_minutes"] = sum(history["seconds"]) / 60
-    config["train_img_per_s"] = float(np.mean(history["img_per_s"]))
+    config["train_img_per_s"] = len(train_x) // args.batch_size * args.batch_size * len(
+        history["seconds"]) / sum(history["seconds"])
     save_model(model, out / "model.pt")
-    write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-    write_history(out / "history.csv", history)
+    write_json(out / "config.json", config)
+    write_json(out / "history.json", history)
     return history
 
 
 def run(args):
     device = pick_device(args.device)
+    out = Path("results") if args.compare_data else args.out or Path("results") / (
+        args.arch if args.prior == "flow" else f"{args.arch}-{args.prior}")
+    out.mkdir(parents=True, exist_ok=True)     # fails now, not after training, if it cannot
     if args.compare_data:
-        check_writable(Path("results"))
-        return compare_data(Path("results"))
-    out = args.out or Path("results") / (args.arch if args.prior == "flow" else
-                                         f"{args.arch}-{args.prior}")
-    check_writable(out)
+        return compare_data(out)
     if args.evaluate or args.condition or args.sample:              # these use a trained model
         model = load_model(out / "model.pt", device)
         check_matches(out / "model.pt", model_config(model), arch=args.arch, size=args.size)
@@ -1746,8 +1559,8 @@ def run(args):
         write_samples(model, args.sample, out / "samples.h5", device, grid, args.seed)
         return print(f"wrote {args.sample} prior samples of {out / 'model.pt'} to "
                      f"{out / 'samples.h5'}")
-    resume = None
-    if args.resume is not None:          # everything that can fail is checked before training
+    resume = None                        # everything that can fail is checked before training
+    if args.resume is not None:
         path = out / "checkpoint.pt" if str(args.resume) == "auto" else args.resume
         resume = load_file(path, "checkpoint")
         if not isinstance(resume, dict) or not {"model", "optimizer", "history"} <= set(resume):
@@ -1767,9 +1580,8 @@ def run(args):
     print(f"data {data_path}: {len(train_x)} train + {len(val_x)} held-out images at "
           f"{args.size}x{args.size}; device {device} ({device_name(device)})")
     if args.evaluate:
-        history = read_history(out / "history.csv")
-        saved = out / "config.json"
-        config = json.loads(saved.read_text()) if saved.is_file() else {}
+        history = read_json(out / "history.json", {k: [] for k in HISTORY})
+        config = read_json(out / "config.json", {})
     else:
         model = new_model(args, device)
         config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -1777,60 +1589,61 @@ def run(args):
                   "device": device_name(device), "threads": torch.get_num_threads(),
                   "torch": torch.__version__, "code_version": code_version(),
                   "precision": "bf16" if bf16_native(device) and not args.fp32 else "fp32"}
-        print(f"{args.arch} VAE, {args.prior} prior: {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters, latent {model.latent_shape}, {config['precision']}, {args.epochs} "
+        print(f"{args.arch} VAE, {args.prior} prior: {sum(p.numel() for p in model.parameters()):,}"
+              f" parameters, latent {model.latent_shape}, {config['precision']}, {args.epochs} "
               f"epochs (Ctrl-C keeps the last epoch's checkpoint; --resume goes on)")
+        if resume is not None:
+            print(f"resuming after epoch {len(resume['history']['epoch'])}")
         # on a GPU the uint8 images live on the device (200 MB for 50k at 64x64)
-        history = train_and_save(model, train_x.to(device), val_x, args, device, out, config, resume)
+        history = train_and_save(model, train_x.to(device), val_x, args, device, out, config,
+                                 resume)
+    report(model, train_x, val_x, history, config, out, device, note, args)
+
+
+def report(model, train_x, val_x, history, config, out, device, note, args):
+    """The figures, metrics.json and comparison.md of a trained model."""
     real = real_reference(model.size)
     if real is None:
         print(f"{REAL_REFERENCE} not found: the real-image reconstructions are skipped")
-    sample_figures(model, val_x, out, device, note, args.seed)
+    for name, fig in sample_figures(model, val_x, device, note, args.seed).items():
+        save_figure(fig, out / name)
     more_figures(model, train_x, val_x, history, out, device, note, real, args.seed)
     t = time.perf_counter()
     metrics = evaluate(model, train_x, val_x, device, args.eval_n, args.seed, real)
-    metrics.update(data=data_name, code_version=code_version(), train_device=config.get("device"),
-                   train_minutes=config.get("train_minutes"),
-                   train_img_per_s=config.get("train_img_per_s"),
-                   train_precision=config.get("precision"))
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    metrics.update(data=note.split(" trained on ")[1], code_version=code_version(),
+                   **{f"train_{k}": config.get(k) for k in ("device", "minutes", "img_per_s",
+                                                            "precision")})
+    write_json(out / "metrics.json", metrics)
     write_comparison(out.parent, val_x[:args.eval_n], device)
-    s = metrics["samples"][metrics["prior"]]
-    print(f"evaluated in {time.perf_counter() - t:.0f} s: held-out -ELBO {metrics['neg_elbo']:.1f} "
-          f"nats/img (rec {metrics['elbo_rec']:.1f} + kl {metrics['elbo_kl']:.1f}), "
+    s, floor = metrics["samples"][metrics["prior"]], metrics["floor"]
+    print(f"evaluated in {time.perf_counter() - t:.0f} s: held-out -ELBO {metrics['neg_elbo']:.1f}"
+          f" nats/img (rec {metrics['elbo_rec']:.1f} + kl {metrics['elbo_kl']:.1f}), "
           f"reconstruction accuracy {metrics['recon_accuracy']:.4f}")
-    print(f"{metrics['prior']} prior samples: proportion {s['proportion']:.3f} (data "
-          f"{metrics['floor']['proportion']:.3f}), pieces {s['pieces_mean']:.2f} (data "
-          f"{metrics['floor']['pieces_mean']:.2f}), top-to-bottom channels {s['spanning_mean']:.2f} "
-          f"(data {metrics['floor']['spanning_mean']:.2f}), memorisation {s['memorisation']:.2f}")
+    print(f"{metrics['prior']} prior samples (data): proportion {s['proportion']:.3f} "
+          f"({floor['proportion']:.3f}), pieces {s['pieces_mean']:.2f} "
+          f"({floor['pieces_mean']:.2f}), top-to-bottom channels {s['spanning_mean']:.2f} "
+          f"({floor['spanning_mean']:.2f}), memorisation {s['memorisation']:.2f}")
     print(f"wrote {out}/: figures, metrics.json, and {out.parent}/comparison.md")
 
 
 def run_condition(model, val_x, out, device, args, note):
     """--condition: the ES-MDA study -> conditioning.json, .png and conditioning_members.h5"""
     model.eval()
-    if args.wells >= val_x[0].numel():
-        raise DataError(f"--wells {args.wells}: an image has only {val_x[0].numel()} pixels")
-    print(f"ES-MDA with the {model.prior.name} prior: {min(TRUTHS, len(val_x))} held-out truths, "
-          f"{args.wells} wells each, {MEMBERS} members, {args.assimilations} assimilations, "
-          f"observation sd {args.obs_sd}")
+    title = (f"{note}, {model.prior.name} prior: ES-MDA on {args.wells} wells, {MEMBERS} "
+             f"members, {ASSIMILATIONS} assimilations, observation sd {OBS_SD}")
+    print(title)
     t = time.perf_counter()
-    summary, (truth, res), members, truths = conditioning_study(
-        model, val_x, device, args.wells, args.obs_sd, args.assimilations)
-    conditioning_figure(truth, res, out / "conditioning.png",
-                        f"{note}, {model.prior.name} prior: ES-MDA on {args.wells} wells, "
-                        f"{MEMBERS} members, {args.assimilations} assimilations, observation sd "
-                        f"{args.obs_sd}")
+    summary, (truth, res), members, truths = conditioning_study(model, val_x, device, args.wells)
+    save_figure(conditioning_figure(truth, res, title), out / "conditioning.png")
     summary.update(seconds=time.perf_counter() - t, device=device_name(device),
                    code_version=code_version())
-    write_text(out / "conditioning.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "conditioning.json", summary)
     write_h5(out / "conditioning_members.h5", [members.permute(0, 2, 3, 1).numpy()],
              members_per_truth=MEMBERS, held_out_indices=truths)
-    print(f"wells honoured {summary['prior_wells_honoured']['mean']:.3f} -> "
-          f"{summary['posterior_wells_honoured']['mean']:.3f} (worst "
-          f"{summary['posterior_wells_honoured']['worst']:.3f}), spread ratio "
-          f"{summary['spread_ratio']['mean']:.2f}, {summary['seconds']:.0f} s")
-    print(f"wrote {out}/: conditioning.json conditioning.png conditioning_members.h5")
+    print(f"wells honoured {summary['prior_wells_honoured']:.3f} -> "
+          f"{summary['posterior_wells_honoured']:.3f} over {summary['truths']} truths, "
+          f"spread ratio {summary['spread_ratio']:.2f}, {summary['seconds']:.0f} s; "
+          f"wrote {out}/: conditioning.json conditioning.png conditioning_members.h5")
 
 
 # Python drops a KeyboardInterrupt raised inside a finalizer (h5py runs some as its objects
@@ -1851,12 +1664,11 @@ def main(argv=None):
     sys.unraisablehook = reraise_lost_ctrl_c
     try:
         run(args)
-    except DataError as e:
+    except (DataError, OSError) as e:   # bad input, or a file that cannot be written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:
-        print(f"error: {e}; {args.out or 'results'} keeps the last epoch's checkpoint",
-              file=sys.stderr)
+        print(f"error: {e}; try a lower --lr or a longer --warmup", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:           # Ctrl-C anywhere else: every file is written atomically
         print("interrupted: stopped by Ctrl-C; no file was left half-written", file=sys.stderr)
