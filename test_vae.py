@@ -1,7 +1,6 @@
-"""Tests for vae.py. Each checks the code against something independent of it: a hand-made
-image, torch.distributions, autograd, an analytic answer. The lessons of Part 1 and Part 2
-come first, in the file's order; then the metrics, one end-to-end run per command, and bad
-input. Run: python -m pytest -q test_vae.py"""
+"""Tests for vae.py against independent truths (hand-made images, torch.distributions, autograd,
+analytic answers): Part 1's and Part 2's lessons in the file's order, then the metrics, Ctrl-C,
+one end-to-end run per command, and bad input. Run: python -m pytest -q test_vae.py"""
 import io
 import math
 import os
@@ -49,10 +48,9 @@ def flow_model(arch, scale=0.0, **kwargs):
 
 def run_main(argv, capsys):
     """main(argv) on the CPU -> (exit code, stdout, stderr)"""
-    argv = [str(a) for a in argv] + ([] if "--device" in argv else ["--device", "cpu"])
+    code = 0
     try:
-        vae.main(argv)
-        code = 0
+        vae.main([str(a) for a in argv] + ([] if "--device" in argv else ["--device", "cpu"]))
     except SystemExit as e:
         code = e.code
     out = capsys.readouterr()
@@ -70,31 +68,16 @@ def assert_clean_error(code, err, *fragments, lines=1):
 
 # ============================================================================ Part 1: the VAE
 
-@pytest.mark.parametrize("arch", ["dense", "fullyconv"])
-@pytest.mark.parametrize("size", [64, 128])
-def test_shapes(arch, size):
-    model = vae.build_model(arch, size)
-    mu, logvar = model.encode(torch.zeros(3, 1, size, size))
-    assert mu.shape == logvar.shape == (3, *model.latent_shape)
-    assert model.decode(torch.randn(3, *model.latent_shape)).shape == (3, 1, size, size)
-    assert model.latent_shape == ((32,) if arch == "dense" else (8, size // 16, size // 16))
-
-
-def test_kl_matches_torch_distributions():
+def test_loss_terms_and_the_reparameterization_match_torch_distributions():
     for shape in ((5, 7), (2, 3, 4, 4)):               # a vector latent and a spatial one
         mu, logvar = torch.randn(shape), torch.randn(shape)
         q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
         want = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0))
         torch.testing.assert_close(vae.gaussian_kl(mu, logvar), want.flatten(1).sum(1))
-
-
-def test_bernoulli_nll_matches_torch_distributions():
     logits, x = torch.randn(4, 1, 8, 8), (torch.rand(4, 1, 8, 8) > 0.5).float()
     want = -torch.distributions.Bernoulli(logits=logits).log_prob(x).sum((1, 2, 3))
     torch.testing.assert_close(vae.bernoulli_nll(logits, x), want)
-
-
-def test_reparameterize_samples_q_and_passes_gradients():
+    # the reparameterization samples q(z|x) = N(mu, sigma^2), with gradients to mu
     mu = torch.tensor([1.0, -2.0], requires_grad=True)
     logvar = torch.tensor([0.0, math.log(0.25)], requires_grad=True)
     z, eps = vae.reparameterize(mu.expand(20000, 2), logvar.expand(20000, 2))
@@ -105,17 +88,11 @@ def test_reparameterize_samples_q_and_passes_gradients():
     assert torch.allclose(mu.grad, torch.full((2,), 20000.0))                 # dz/dmu = 1
 
 
-def test_downsample_hand_made():
-    # blocks with 3, 1, 2 (top-left on) and 2 (top-left off) channel pixels
-    img = torch.tensor([[1, 1, 0, 1],
-                        [1, 0, 0, 0],
-                        [1, 0, 0, 1],
-                        [0, 1, 0, 1]], dtype=torch.uint8).view(1, 1, 4, 4)
-    assert vae.downsample_majority(img).view(2, 2).tolist() == [[1, 0], [1, 0]]
-
-
 @pytest.mark.parametrize("layout", ["nhwc", "nhw"])
-def test_loader_reads_both_layouts_and_downsamples(tmp_path, layout):
+def test_majority_downsampling_and_the_loader(tmp_path, layout):
+    # blocks with 3, 1, 2 (top-left on) and 2 (top-left off) channel pixels
+    img = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [1, 0, 0, 1], [0, 1, 0, 1]], dtype=torch.uint8)
+    assert vae.downsample_majority(img.view(1, 1, 4, 4)).view(2, 2).tolist() == [[1, 0], [1, 0]]
     img = np.zeros((2, 128, 128), np.uint8)
     img[0, :, 10:14] = 1            # a 4-px vertical band -> columns 5 and 6 at 64x64
     img[1, 40:42, :] = 1            # a 2-px horizontal band -> row 20 at 64x64
@@ -129,7 +106,13 @@ def test_loader_reads_both_layouts_and_downsamples(tmp_path, layout):
     assert torch.equal(vae.load_images(tmp_path / "x.h5", size=64)[:, 0], torch.from_numpy(want))
 
 
-def test_fullyconv_has_no_dense_layer_nor_one_in_disguise():
+def test_shapes_and_no_dense_layer_in_fullyconv_not_even_in_disguise():
+    for arch, size in ((a, s) for a in vae.ARCHS for s in (64, 128)):
+        model = vae.build_model(arch, size)
+        mu, logvar = model.encode(torch.zeros(3, 1, size, size))
+        assert mu.shape == logvar.shape == (3, *model.latent_shape)
+        assert model.decode(torch.randn(3, *model.latent_shape)).shape == (3, 1, size, size)
+        assert model.latent_shape == ((32,) if arch == "dense" else (8, size // 16, size // 16))
     model = flow_model("fullyconv")                     # the flow prior included
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert any(isinstance(m, nn.Linear) for m in flow_model("dense").modules())
@@ -157,6 +140,10 @@ def test_training_lowers_the_loss_below_the_best_constant_image():
     constant = -(p * math.log(p) + (1 - p) * math.log(1 - p)) * train_x[0].numel()
     assert history["val_loss"][-1] < 0.9 * constant < before
     assert len(history["epoch"]) == 4 and history["val_loss"][-1] < history["val_loss"][0]
+    with torch.no_grad():                               # a diverged model stops with a clear error
+        model.mu.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="the loss became nan at epoch 1"):
+        vae.train(model, train_x, val_x, CPU, 1, 16, log=lambda s: None)
 
 
 def test_bf16_runs_the_convolutions_in_bf16_and_keeps_the_loss_fp32():
@@ -164,39 +151,35 @@ def test_bf16_runs_the_convolutions_in_bf16_and_keeps_the_loss_fp32():
     seen = {}
     model.decoder[0][0].register_forward_hook(lambda m, i, o: seen.update(conv=o.dtype))
     model.prior.steps[0].net.register_forward_hook(lambda m, i, o: seen.update(flow=o.dtype))
-    x = images(16).float()
-    torch.manual_seed(1)
-    fp32 = vae.neg_elbo(model, x)
-    assert seen == {"conv": torch.float32, "flow": torch.float32}
-    torch.manual_seed(1)
-    bf16 = vae.neg_elbo(model, x, bf16=True)
-    assert seen == {"conv": torch.bfloat16, "flow": torch.float32}   # the flow and KL stay fp32
+    losses = []
+    for bf16 in (False, True):
+        torch.manual_seed(1)
+        losses.append(vae.neg_elbo(model, images(16).float(), bf16=bf16))
+        assert seen == {"conv": torch.bfloat16 if bf16 else torch.float32, "flow": torch.float32}
     # bf16 keeps 8 mantissa bits (0.4%); the sums are fp32, so each term stays within 1%
-    for a, b in zip(fp32, bf16):
-        assert b.dtype == torch.float32 and abs(a - b) < 0.01 * abs(a), (a, b)
-    assert fp32[1] != bf16[1]
+    for a, b in zip(*losses):
+        assert b.dtype == torch.float32 and a != b and abs(a - b) < 0.01 * abs(a), (a, b)
     # capped to AVX2 (no AVX-512 BF16, no AMX), bf16 would be emulated: it switches itself off
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     code = "import torch, vae; print(vae.bf16_native(torch.device('cpu')))"
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, capture_output=True,
-                          text=True, check=True)
-    assert done.stdout.split() == ["False"]
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, capture_output=True, text=True)
+    assert done.stdout.split() == ["False"], done.stderr
 
 
 def test_slerp_keeps_the_norm_where_a_straight_line_shrinks_it():
     g = torch.Generator().manual_seed(0)
     u0, u1 = torch.randn(3, 8, 4, 4, generator=g), torch.randn(3, 8, 4, 4, generator=g)
+    n0, n1 = u0.flatten(1).norm(dim=1), u1.flatten(1).norm(dim=1)
     path = vae.slerp(u0, u1, 9)                                             # (9, 3, 8, 4, 4)
-    torch.testing.assert_close(path[0], u0)
-    torch.testing.assert_close(path[-1], u1)
-    norms, n0, n1 = path.flatten(2).norm(dim=2), u0.flatten(1).norm(dim=1), u1.flatten(1).norm(dim=1)
+    torch.testing.assert_close(torch.stack([path[0], path[-1]]), torch.stack([u0, u1]))
+    norms = path.flatten(2).norm(dim=2)
     assert (norms >= torch.minimum(n0, n1) - 1e-4).all() and (norms <= torch.maximum(n0, n1) + 1e-4).all()
     assert (((u0 + u1) / 2).flatten(1).norm(dim=1) < 0.85 * torch.minimum(n0, n1)).all()
-    # ends of equal norm: every point at that norm, at equal angles apart
-    arc = vae.slerp(u0, u1 * (n0 / n1).view(-1, 1, 1, 1), 5).flatten(2)
-    torch.testing.assert_close(arc.norm(dim=2), n0.expand(5, 3))
+    arc = vae.slerp(u0, u1 * (n0 / n1).view(-1, 1, 1, 1), 5).flatten(2)   # ends of equal norm:
+    torch.testing.assert_close(arc.norm(dim=2), n0.expand(5, 3))            # all points at it,
     cos = (arc[1:] * arc[:-1]).sum(2) / arc[1:].norm(dim=2) / arc[:-1].norm(dim=2)
-    torch.testing.assert_close(cos, cos[:1].expand(4, 3))
+    torch.testing.assert_close(cos, cos[:1].expand(4, 3))                   # at equal angles
+    torch.testing.assert_close(vae.slerp(u0, u0, 3), u0.expand(3, *u0.shape))  # and no 0/0
 
 
 # ============================================================================ Part 2: the flow prior
@@ -230,14 +213,12 @@ def test_flow_log_determinant_matches_autograd_jacobian(arch, kwargs):
     z = torch.randn(5, *plain.latent_shape, dtype=torch.float64)
     want = torch.distributions.Normal(0.0, 1.0).log_prob(z).flatten(1).sum(1)
     torch.testing.assert_close(plain.prior.log_prob(z), want, rtol=0, atol=1e-5)
-
-
-def test_flow_density_integrates_to_one():
-    model = flow_model("dense", scale=0.05, latent_dim=2).double()
-    axis = torch.linspace(-10, 10, 201, dtype=torch.float64)
-    with torch.no_grad():
-        mass = model.prior.log_prob(torch.cartesian_prod(axis, axis)).exp().sum() * (axis[1] - axis[0]) ** 2
-    assert mass.item() == pytest.approx(1.0, abs=0.01)
+    if arch == "dense":                        # a 2-d density of the perturbed flow sums to 1
+        model = flow_model("dense", scale=0.05, latent_dim=2).double()
+        axis = torch.linspace(-10, 10, 201, dtype=torch.float64)
+        with torch.no_grad():
+            mass = model.prior.log_prob(torch.cartesian_prod(axis, axis)).exp().sum() * (axis[1] - axis[0]) ** 2
+        assert mass.item() == pytest.approx(1.0, abs=0.01)
 
 
 def test_monte_carlo_kl_of_a_flow_prior_matches_the_closed_form():
@@ -248,9 +229,8 @@ def test_monte_carlo_kl_of_a_flow_prior_matches_the_closed_form():
     model = vae.add_flow_prior(vae.build_model("dense", 16, latent_dim=4, widths=(4, 4))).double()
     with torch.no_grad():
         for step in model.prior.steps:
-            step.log_scale.add_(0.3 * torch.randn(4, dtype=torch.float64))
-            step.shift.add_(0.5 * torch.randn(4, dtype=torch.float64))
-            step.mix.add_(0.3 * torch.randn(4, 4, dtype=torch.float64))
+            for p, sd in ((step.log_scale, 0.3), (step.shift, 0.5), (step.mix, 0.3)):
+                p.add_(sd * torch.randn_like(p))
     zero = torch.zeros(1, 4, dtype=torch.float64)
     M = torch.autograd.functional.jacobian(lambda v: model.prior.to_u(v.view(1, 4)).flatten(), zero.flatten())
     c = model.prior.to_u(zero).flatten().detach()
@@ -267,26 +247,23 @@ def test_monte_carlo_kl_of_a_flow_prior_matches_the_closed_form():
 
 
 def test_the_flow_leaves_the_vae_weights_and_noise_as_they_are(tmp_path):
-    # the same seed gives the same VAE under either prior, and the same draws in training
-    args = vae.parse_args(["--arch", "dense", "--widths", "8,16,16,16"])
-    flow, plain = vae.new_model(args, CPU), vae.new_model(vae.parse_args(
-        ["--arch", "dense", "--widths", "8,16,16,16", "--prior", "gaussian"]), CPU)
-    for key, value in plain.state_dict().items():
-        assert torch.equal(value, flow.state_dict()[key]), key
+    # the same seed gives the same VAE under either prior, and the same noise in training
+    models = [vae.new_model(vae.parse_args(["--arch", "dense", "--widths", "8,16,16,16", "--prior", p]), CPU)
+              for p in ("flow", "gaussian")]
+    for key, value in models[1].state_dict().items():
+        assert torch.equal(value, models[0].state_dict()[key]), key
     noise = []
-    for model in (flow, plain):
+    for model in models:
         torch.manual_seed(5)
         vae.neg_elbo(model, images(4).float())
         noise.append(torch.randn(3))
     assert torch.equal(*noise)
-    # and the saved flow model reloads to the same draws
-    vae.save_model(flow, tmp_path / "m.pt")
-    again = vae.load_model(tmp_path / "m.pt")
-    torch.testing.assert_close(vae.sample_latents(flow.eval(), 5, torch.Generator().manual_seed(1)),
-                               vae.sample_latents(again, 5, torch.Generator().manual_seed(1)))
+    vae.save_model(models[0], tmp_path / "m.pt")        # and the flow model reloads to the same draws
+    torch.testing.assert_close(vae.sample_latents(models[0].eval(), 5, torch.Generator().manual_seed(1)),
+                               vae.sample_latents(vae.load_model(tmp_path / "m.pt"), 5, torch.Generator().manual_seed(1)))
 
 
-def test_soft_statistics_and_wasserstein_on_hand_made_values():
+def test_shaping_statistics_by_hand_then_shaping_moves_only_the_flow(monkeypatch):
     img = torch.zeros(2, 1, 8, 8)
     img[0, 0, :, 2:4] = 1                      # a stripe from top to bottom, 2 of 8 columns
     img[1, 0, :4, 5] = 0.8                     # half a stripe, probability 0.8
@@ -300,9 +277,8 @@ def test_soft_statistics_and_wasserstein_on_hand_made_values():
     assert w1([0, 1, 2], [0, 3]) == pytest.approx(1 / 3 * 0 + 1 / 6 * 1 + 1 / 6 * 2 + 1 / 3 * 1)
     a, b = torch.rand(50, dtype=torch.float64), torch.rand(50, dtype=torch.float64)
     assert vae.wasserstein1(a, b).item() == pytest.approx((a.sort().values - b.sort().values).abs().mean().item())
-
-
-def test_shaping_moves_the_samples_proportion_and_only_the_flow(monkeypatch):
+    # the shaping phase built on them moves the draws' proportion towards the data's, and
+    # touches only the flow
     torch.manual_seed(0)
     model = vae.add_flow_prior(vae.build_model("dense", 64, latent_dim=4, **TINY))
     x = images(64)
@@ -340,9 +316,9 @@ def test_esmda_recovers_the_analytic_linear_gaussian_posterior():
     torch.testing.assert_close(torch.cov(post.T), c_m - gain @ G @ c_m, rtol=0, atol=0.02)
 
 
-# ============================================================================ Part 3: the stand-in and the metrics
+# ============================================================================ Part 3, resume, Ctrl-C, end to end
 
-def test_synthetic_data_is_deterministic_and_within_the_real_images_range():
+def test_synthetic_data_like_the_real_images_and_body_statistics_by_hand():
     a = vae.make_synthetic_channels(300, seed=1)
     assert a.dtype == np.uint8 and a.shape == (300, 128, 128, 1) and set(np.unique(a)) == {0, 1}
     assert np.array_equal(np.concatenate(list(vae.synthetic_chunks(300, seed=1, chunk=7))), a)
@@ -351,29 +327,24 @@ def test_synthetic_data_is_deterministic_and_within_the_real_images_range():
     rs, ss = vae.image_statistics(real), vae.image_statistics(torch.from_numpy(a).permute(0, 3, 1, 2))
     for key in rs:
         assert np.nanmin(rs[key]) <= np.nanmean(ss[key]) <= np.nanmax(rs[key]), key
-
-
-def test_connected_components_pieces_spanning_and_widths():
-    s = torch.zeros(1, 9, 9, dtype=torch.bool)     # a serpentine that winds four times
+    s = torch.zeros(1, 9, 9, dtype=torch.bool)     # a serpentine that winds four times: 1 piece
     s[0, ::2, :] = True
     for r in range(1, 9, 2):
         s[0, r, 8 if r % 4 == 1 else 0] = True
-    assert len(torch.unique(vae.connected_components(s)[s])) == 1
     d = torch.tensor([[[1, 0], [0, 1]]], dtype=torch.bool)        # diagonal: two pieces
-    assert len(torch.unique(vae.connected_components(d)[d])) == 2
+    assert [len(torch.unique(vae.connected_components(m)[m])) for m in (s, d)] == [1, 2]
     m = torch.zeros(2, 10, 10, dtype=torch.bool)
     m[0, :, 2:5] = True           # spans top to bottom, 3 px wide
     m[0, 3:6, 7:9] = True         # an island, 2 px wide
     m[1, 2:8, 0:4] = True         # touches the left edge: its runs are cut by the frame
     m[1, 2:8, 6:10] = True        # and the right edge
     m[1, 0:2, 5] = True           # touches the top edge only: a piece that does not span
-    pieces, spanning = vae.pieces_and_spanning(m)
-    assert pieces.tolist() == [2, 3] and spanning.tolist() == [1, 0]
+    assert [v.tolist() for v in vae.pieces_and_spanning(m)] == [[2, 3], [1, 0]]
     widths, image = vae.run_widths(m)
     assert sorted(widths.tolist()) == [1] * 2 + [2] * 3 + [3] * 10 and image.tolist().count(1) == 2
 
 
-def test_variogram_patterns_jensen_shannon_and_hamming_by_hand():
+def test_realism_scores_and_their_parts_by_hand():
     m = torch.zeros(1, 8, 8, dtype=torch.bool)
     m[..., ::2] = True            # stripes of period 2: gamma 1/2 at odd lags along x, 0 along y
     assert torch.allclose(vae.variogram(m, "x"), torch.tensor([0.5, 0, 0.5, 0]))
@@ -388,10 +359,7 @@ def test_variogram_patterns_jensen_shannon_and_hamming_by_hand():
     assert torch.equal(vae.hamming(a, b), torch.tensor([[(x != y).sum().item() for y in b] for x in a]).float())
     dist, index = vae.nearest(a[2:], torch.cat([b, a[2:]]), chunk=2)        # found in a later chunk
     assert dist.tolist() == [0] and index.tolist() == [4]
-
-
-def test_realism_scores_of_identical_and_of_hand_made_sets():
-    x = images(20)
+    x = images(20)                                 # the realism scores: identical sets score 0
     for key, value in vae.realism_scores(x, x).items():
         if key not in ("proportion", "near_empty", "pieces_mean", "spanning_mean"):
             assert value == pytest.approx(0, abs=1e-9), key
@@ -407,26 +375,21 @@ def test_realism_scores_of_identical_and_of_hand_made_sets():
     assert s["near_empty"] == 0 and vae.realism_scores(a * 0, b)["near_empty"] == 1
 
 
-# ============================================================================ resume and Ctrl-C
-
-def test_resume_equals_uninterrupted(tmp_path):
-    x = images(160)
+def test_resume_equals_uninterrupted():
+    x, saved, quiet = images(160), io.BytesIO(), lambda s: None
     model = lambda: flow_model("dense", latent_dim=8).train()
     torch.manual_seed(0)
-    whole = vae.train(model(), x[:128], x[128:], CPU, 2, 16, log=lambda s: None)
-    saved = []
+    whole = vae.train(model(), x[:128], x[128:], CPU, 2, 16, log=quiet)
 
     def save_then_stop(state):                         # as if Ctrl-C came after epoch 1's save
-        saved.append(io.BytesIO())
-        torch.save(state, saved[-1])
+        torch.save(state, saved)
         raise KeyboardInterrupt
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        vae.train(model(), x[:128], x[128:], CPU, 2, 16, on_epoch=save_then_stop, log=lambda s: None)
-    saved[0].seek(0)
-    state = torch.load(saved[0], weights_only=True)
+        vae.train(model(), x[:128], x[128:], CPU, 2, 16, on_epoch=save_then_stop, log=quiet)
+    saved.seek(0)
     torch.manual_seed(123)                             # the checkpoint's random state must win
-    resumed = vae.train(model(), x[:128], x[128:], CPU, 2, 16, resume=state, log=lambda s: None)
+    resumed = vae.train(model(), x[:128], x[128:], CPU, 2, 16, resume=torch.load(saved), log=quiet)
     for key in ("train_rec", "train_kl", "val_rec", "val_kl"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
 
@@ -454,21 +417,17 @@ def interrupt_after(proc, marker, delay):
     return proc.wait(timeout=120), proc.communicate(timeout=120)[1]
 
 
-def test_ctrl_c_keeps_the_last_epochs_checkpoint_and_exits_130(tmp_path):
-    out = tmp_path / "o"
-    proc = start(["--arch", "dense", "--data", tiny_h5(tmp_path / "d.h5", n=400), "--out", out,
-                  "--epochs", "500", "--batch-size", "8", "--widths", "8,16,16,16"], tmp_path)
-    code, err = interrupt_after(proc, "epoch 1 done", 0.5)
-    assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "--resume" in err and not list(out.glob("*.tmp"))
-    assert len(vae.load_file(out / "checkpoint.pt", "checkpoint")["history"]["epoch"]) >= 1
-
-
-def test_ctrl_c_during_data_generation_leaves_no_partial_file(tmp_path):
-    proc = start(["--arch", "dense", "--out", tmp_path / "o"], tmp_path, slow_generation=True)
-    code, err = interrupt_after(proc, "generating", 0.5)
-    assert code == 130 and "half-written" in err and len(err.strip().splitlines()) == 1, err
-    assert list((tmp_path / "data").iterdir()) == []        # neither the .h5 nor its .tmp
+def test_ctrl_c_keeps_the_last_checkpoint_leaves_no_half_file_and_exits_130(tmp_path):
+    # in training, after the first epoch's checkpoint; and while the synthetic file is written
+    train = ["--arch", "dense", "--data", tiny_h5(tmp_path / "d.h5", n=400), "--out", tmp_path / "o",
+             "--epochs", "500", "--batch-size", "8", "--widths", "8,16,16,16"]
+    errs = [interrupt_after(start(argv, tmp_path, slow), marker, 0.5) for argv, marker, slow in (
+        (train, "epoch 1 done", False), (["--arch", "dense", "--out", tmp_path / "g"], "generating", True))]
+    for code, err in errs:
+        assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "--resume" in errs[0][1] and "half-written" in errs[1][1]
+    assert len(vae.load_file(tmp_path / "o" / "checkpoint.pt", "checkpoint")["history"]["epoch"]) >= 1
+    assert not list((tmp_path / "o").glob("*.tmp")) and list((tmp_path / "data").iterdir()) == []
 
 
 def test_ctrl_c_lost_in_a_finalizer_is_raised_again():
@@ -485,29 +444,26 @@ def test_ctrl_c_lost_in_a_finalizer_is_raised_again():
         assert done.stdout.strip() == want, done.stderr
 
 
-# ============================================================================ end to end
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Both default commands on 200 tiny images: 1 epoch, a small trunk, 3 shaping steps."""
     root = tmp_path_factory.mktemp("e2e")
-    data = tiny_h5(root / "d.h5", n=200)
-    argv = {arch: ["--arch", arch, "--data", data, "--out", root / "res" / arch, "--epochs", "1",
-                   "--batch-size", "16", "--widths", "8,16,16,16", "--eval-n", "10", "--shape-steps", "3",
-                   "--device", "cpu"] for arch in ("dense", "fullyconv")}
-    for arch, args in argv.items():
-        vae.main([str(a) for a in args])
-    return root, {arch: [str(a) for a in args[:-2]] for arch, args in argv.items()}
+    argv = {arch: [str(a) for a in ["--arch", arch, "--data", tiny_h5(root / "d.h5", n=200), "--out",
+                                    root / "res" / arch, "--epochs", "1", "--batch-size", "16", "--widths",
+                                    "8,16,16,16", "--eval-n", "10", "--shape-steps", "3"]] for arch in vae.ARCHS}
+    for args in argv.values():
+        vae.main(args + ["--device", "cpu"])
+    return root, argv
 
 
 @pytest.mark.parametrize("arch", ["dense", "fullyconv"])
 def test_main_trains_evaluates_samples_and_conditions(trained, capsys, arch):
     root, argv = trained
     out = root / "res" / arch
-    for name in ("samples.png", "interpolation.png", "reconstructions.png", "losses.png", "nearest.png",
-                 "history.json", "config.json", "model.pt", "metrics.json", "checkpoint.pt"):
-        assert (out / name).is_file(), name
-    assert (out / "large_field.png").is_file() == (arch == "fullyconv")
+    names = {p.name for p in out.iterdir()}
+    assert names == {"samples.png", "interpolation.png", "reconstructions.png", "losses.png", "nearest.png",
+                     "history.json", "config.json", "model.pt", "metrics.json", "checkpoint.pt",
+                     *(["large_field.png"] if arch == "fullyconv" else [])}, names
     config, metrics = vae.read_json(out / "config.json"), vae.read_json(out / "metrics.json")
     assert config["shape_minutes"] > 0 and config["train_img_per_s"] > 0
     assert config["code_version"]["vae_py_sha256"] == metrics["code_version"]["vae_py_sha256"]
@@ -519,17 +475,15 @@ def test_main_trains_evaluates_samples_and_conditions(trained, capsys, arch):
     assert code == 0 and (out / "samples.png").is_file() and "epoch 1/" not in stdout, err
     # --sample: thresholded prior samples in the real file's layout, which load_images reads
     assert run_main(argv[arch] + ["--sample", "37"], capsys)[0] == 0
-    back = vae.load_images(out / "samples.h5", size=64)
     model = vae.load_model(out / "model.pt")
-    z = vae.sample_latents(model, 37, torch.Generator().manual_seed(0))
-    assert (back.bool() == (vae.decode_probs(model, z, CPU) >= 0.5)).float().mean() > 0.999
+    probs = vae.decode_probs(model, vae.sample_latents(model, 37, torch.Generator().manual_seed(0)), CPU)
+    assert (vae.load_images(out / "samples.h5", size=64).bool() == (probs >= 0.5)).float().mean() > 0.999
     if arch == "fullyconv":                            # an (8, 8) latent grid: 128x128 fields
         assert run_main(argv[arch] + ["--sample", "5", "--grid", "8"], capsys)[0] == 0
         assert vae.load_images(out / "samples.h5", size=128).shape == (5, 1, 128, 128)
     code, _, err = run_main(argv[arch] + ["--evaluate", "--size", "128"], capsys)
     assert_clean_error(code, err, "holds a model with size 64", "asks for 128")
-    code, stdout, err = run_main(argv[arch] + ["--condition", "--wells", "8"], capsys)
-    assert code == 0, err
+    assert run_main(argv[arch] + ["--condition", "--wells", "8"], capsys)[0] == 0
     cond = vae.read_json(out / "conditioning.json")
     assert cond["prior"] == "flow" and cond["truths"] == len(cond["cases"]) == 10 and cond["wells"] == 8
     truths = np.mean([c["truth_proportion"] for c in cond["cases"]])
@@ -551,38 +505,28 @@ def test_resume_continues_from_the_checkpoint_and_bad_checkpoints_end_cleanly(tr
         assert_clean_error(*run_main(argv["dense"] + ["--resume", ckpt], capsys)[::2], fragment)
 
 
-def test_gaussian_prior_lands_in_its_own_folder(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)                         # the default --out is relative: results/...
-    code, _, err = run_main(["--arch", "dense", "--data", tiny_h5(tmp_path / "d.h5"), "--epochs", "1",
-                             "--batch-size", "32", "--widths", "8,16,16,16", "--eval-n", "8",
-                             "--prior", "gaussian"], capsys)
-    assert code == 0, err
-    assert not Path("results/dense").exists()
-    assert vae.load_model("results/dense-gaussian/model.pt").prior.name == "gaussian"
-    assert set(vae.read_json(Path("results/dense-gaussian/metrics.json"))["samples"]) == {"gaussian", "posterior"}
-
-
-def test_vae_py_copied_alone_into_an_empty_folder(tmp_path):
-    # without results/real_reference.npz beside it, training still finishes and says what it skipped
+def test_vae_py_copied_alone_trains_the_plain_vae_into_its_own_folder(tmp_path):
+    # without results/real_reference.npz beside it, training still finishes and says what it
+    # skipped; --prior gaussian lands in results/dense-gaussian, the default --out
     shutil.copy(HERE / "vae.py", tmp_path / "vae.py")
     tiny_h5(tmp_path / "d.h5", n=120)
     done = subprocess.run([sys.executable, "vae.py", "--arch", "dense", "--data", "d.h5", "--epochs", "1",
                            "--batch-size", "16", "--widths", "8,16,16,16", "--eval-n", "8", "--device", "cpu",
-                           "--shape-steps", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "real_reference.npz not found" in done.stdout
-    assert vae.read_json(tmp_path / "results" / "dense" / "metrics.json")["real_recon_accuracy"] is None
+                           "--prior", "gaussian"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "real_reference.npz not found" in done.stdout, done.stderr
+    out = tmp_path / "results" / "dense-gaussian"
+    assert not (tmp_path / "results" / "dense").exists() and vae.load_model(out / "model.pt").prior.name == "gaussian"
+    metrics = vae.read_json(out / "metrics.json")
+    assert metrics["real_recon_accuracy"] is None and set(metrics["samples"]) == {"gaussian", "posterior"}
 
 
 # ============================================================================ bad input
 
-def write_dataset(path, data, key="train_images"):
-    with h5py.File(path, "w") as f:
-        f.create_dataset(key, data=data)
-    return path
-
-
-def test_bad_data_files_end_in_one_line(tmp_path, capsys):
+def test_bad_files_devices_and_folders_end_in_one_line(tmp_path, capsys):
+    def write_dataset(path, data, key="train_images"):
+        with h5py.File(path, "w") as f:
+            f.create_dataset(key, data=data)
+        return path
     good = tiny_h5(tmp_path / "good.h5", n=20)
     (tmp_path / "text.h5").write_text("hello")
     (tmp_path / "cut.h5").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
@@ -604,34 +548,32 @@ def test_bad_data_files_end_in_one_line(tmp_path, capsys):
     for shape in ((4, 32, 32), (4, 64, 48), (4, 3, 128, 128), (4, 128, 128, 3)):
         cases.append((write_dataset(tmp_path / f"s{len(cases)}.h5", np.zeros(shape, np.uint8)),
                       [str(shape), "expected (N, S, S, 1) or (N, S, S)"]))
-    for path, fragments in cases:
-        code, out, err = run_main(["--arch", "dense", "--data", path, "--out", tmp_path / "o"], capsys)
-        assert_clean_error(code, err, path.name, *fragments)
-        assert "synthetic" not in out + err
+    argvs = [(["--data", path, "--out", tmp_path / "o"], [path.name, *fragments]) for path, fragments in cases]
+    (tmp_path / "file").write_text("a file, not a folder")
+    argvs += [(["--data", good, "--out", tmp_path / "file" / "sub"], ["file/sub"]),
+              (["--device", "tpu9", "--out", tmp_path / "o"], ["--device tpu9", "use --device cpu"])]
+    if not torch.cuda.is_available():
+        argvs.append((["--device", "cuda", "--out", tmp_path / "o"], ["--device cuda", "use --device cpu"]))
+    for argv, fragments in argvs:
+        code, out, err = run_main(["--arch", "dense", *argv], capsys)
+        assert_clean_error(code, err, *fragments)
+        assert "synthetic" not in out + err and "epoch" not in out
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--size", "96"], "argument --size"), (["--epochs", "-1"], "argument --epochs"),
-    (["--epochs", "0"], "argument --epochs"), (["--beta", "-0.5"], "argument --beta"),
-    (["--beta", "nan"], "argument --beta"), (["--lr", "nan"], "argument --lr"),
-    (["--lr", "0"], "argument --lr"), (["--warmup", "inf"], "argument --warmup"),
-    (["--latent-dim", "0"], "argument --latent-dim"), (["--batch-size", "0"], "argument --batch-size"),
-    (["--widths", "8,x"], "argument --widths"), (["--widths", "8,-2"], "argument --widths"),
-    (["--arch", "mlp"], "argument --arch"), (["--prior", "normal"], "argument --prior"),
-    (["--latent-dim", "1"], "a flow prior couples half"),
-    (["--arch", "fullyconv", "--latent-channels", "1"], "a flow prior couples half"),
-    (["--widths", "8,8,8,8,8,8,8"], "divisible by 2^7"), (["--wells", "0"], "argument --wells"),
-    (["--sample", "0"], "argument --sample"), (["--sample", "-5"], "argument --sample"),
-    (["--arch", "fullyconv", "--sample", "10", "--grid", "0"], "argument --grid"),
-    (["--sample", "10", "--grid", "8"], "argument --grid"),                  # dense has no grid
-    (["--arch", "fullyconv", "--grid", "8"], "argument --grid"),             # without --sample
-    (["--sample", "10", "--condition"], "not allowed with"), ([], "argument --arch"),
-])
+@pytest.mark.parametrize("argv, fragment", [(a, "") for a in (
+    "--size 96", "--epochs -1", "--epochs 0", "--beta -0.5", "--beta nan", "--lr nan", "--lr 0",
+    "--warmup inf", "--latent-dim 0", "--batch-size 0", "--widths 8,x", "--widths 8,-2", "--arch mlp",
+    "--prior normal", "--wells 0", "--sample 0", "--sample -5")] + [
+    ("--arch fullyconv --sample 10 --grid 0", "argument --grid"), ("", "argument --arch"),
+    ("--sample 10 --grid 8", "argument --grid"),                  # dense has no grid
+    ("--arch fullyconv --grid 8", "argument --grid"),             # without --sample
+    ("--sample 10 --condition", "not allowed with"), ("--latent-dim 1", "a flow prior couples half"),
+    ("--arch fullyconv --latent-channels 1", "a flow prior couples half"),
+    ("--widths 8,8,8,8,8,8,8", "divisible by 2^7")])
 def test_bad_flags_are_argparse_errors(capsys, argv, fragment):
-    if "--arch" not in argv and argv:
-        argv = ["--arch", "dense"] + argv
-    code, _, err = run_main(argv, capsys)
-    assert_clean_error(code, err, fragment, lines=0)
+    argv = argv.split()
+    code, _, err = run_main((["--arch", "dense"] if argv and "--arch" not in argv else []) + argv, capsys)
+    assert_clean_error(code, err, fragment or f"argument {argv[0]}", lines=0)
     lines = err.strip().splitlines()            # argparse's usage, then its one-line error
     assert lines[0].startswith("usage: ") and ": error: " in lines[-1]
 
@@ -644,39 +586,22 @@ class Payload:                       # a pickled object: loading it would run co
 def test_bad_model_files_end_in_one_line_and_never_run_code(tmp_path, capsys):
     out = tmp_path / "o"
     (out / "model.pt").mkdir(parents=True)
-    assert_clean_error(*run_main(["--arch", "dense", "--out", out, "--evaluate"], capsys)[::2],
-                       "is a folder, not a model file")
+    evaluate = ["--arch", "dense", "--out", out, "--evaluate"]
+    assert_clean_error(*run_main(evaluate, capsys)[::2], "is a folder, not a model file")
     (out / "model.pt").rmdir()
-    assert_clean_error(*run_main(["--arch", "dense", "--out", out, "--sample", "5"], capsys)[::2],
-                       "model file not found")
+    assert_clean_error(*run_main(evaluate, capsys)[::2], "model file not found")
     torch.save({"config": {}, "evil": Payload()}, out / "model.pt")
-    code, stdout, err = run_main(["--arch", "dense", "--out", out, "--evaluate"], capsys)
-    assert_clean_error(code, err, "pickled Python objects")
-    assert "this ran while loading" not in stdout + err
-    with open(out / "model.pt", "wb") as f:              # a plain pickle with code in it
+    with open(out / "plain.pkl", "wb") as f:              # a plain pickle with code in it
         pickle.dump({"config": {}, "evil": Payload()}, f)
-    code, stdout, err = run_main(["--arch", "dense", "--out", out, "--evaluate"], capsys)
-    assert_clean_error(code, err, "not a readable model file")
-    assert "this ran while loading" not in stdout + err
-    (out / "model.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
-    assert_clean_error(*run_main(["--arch", "dense", "--out", out, "--evaluate"], capsys)[::2],
-                       "corrupt or not a PyTorch file")
-    torch.save({"config": {"arch": "dense", "size": 64}, "state_dict": {}}, out / "model.pt")
-    assert_clean_error(*run_main(["--arch", "dense", "--out", out, "--evaluate"], capsys)[::2],
-                       "not a model file of this script")
-
-
-def test_bad_devices_and_an_unwritable_out_end_in_one_line(tmp_path, capsys):
-    if not torch.cuda.is_available():
-        code, _, err = run_main(["--arch", "dense", "--out", tmp_path, "--device", "cuda"], capsys)
-        assert_clean_error(code, err, "--device cuda", "use --device cpu")
-    assert_clean_error(*run_main(["--arch", "dense", "--out", tmp_path, "--device", "tpu9"], capsys)[::2],
-                       "--device tpu9")
-    (tmp_path / "file").write_text("a file, not a folder")
-    code, out, err = run_main(["--arch", "dense", "--data", tiny_h5(tmp_path / "d.h5"),
-                               "--out", tmp_path / "file" / "sub"], capsys)
-    assert_clean_error(code, err, "file")
-    assert "epoch" not in out
+    (out / "random.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    torch.save({"config": {"arch": "dense", "size": 64}, "state_dict": {}}, out / "foreign.pt")
+    for name, fragment in (("model.pt", "pickled Python objects"), ("plain.pkl", "not a readable model file"),
+                           ("random.pt", "corrupt or not a PyTorch file"),
+                           ("foreign.pt", "not a model file of this script")):
+        os.replace(out / name, out / "model.pt")
+        code, stdout, err = run_main(evaluate, capsys)
+        assert_clean_error(code, err, fragment)
+        assert "this ran while loading" not in stdout + err
 
 
 def test_help_states_the_defaults_and_the_file_reads_as_a_tutorial(capsys):

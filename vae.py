@@ -89,7 +89,7 @@ def load_images(path, size=64, chunk=2000):
 # ----------------------------------------------------------------------------- models
 # Both models share a convolutional trunk: stride-2 convolutions halve the image four times,
 # to (C, S/16, S/16); stride-2 transposed convolutions mirror them (a 4x4 kernel at stride 2
-# covers every output pixel equally often: no checkerboard). Narrow widths do for smooth bands.
+# covers every output pixel equally often: no checkerboard). Smooth bands need few channels.
 WIDTHS = (16, 32, 64, 128)              # channels after each stride-2 stage
 
 
@@ -111,8 +111,8 @@ def decoder_trunk(widths):
 
 
 class DenseVAE(nn.Module):
-    """Conv encoder -> flatten -> linear heads -> z, a vector (D,) -> linear -> conv decoder:
-    every pixel depends on all of z. Shapes: 64x64 images, widths (16, 32, 64, 128), D = 32."""
+    """Conv encoder -> flatten -> linear heads (mu, logvar of z, a vector (D,)); z -> linear ->
+    conv decoder: every pixel depends on all of z. Shapes: 64x64 images, WIDTHS, D = 32."""
     arch = "dense"
 
     def __init__(self, size=64, latent_dim=32, widths=WIDTHS):
@@ -137,9 +137,9 @@ class DenseVAE(nn.Module):
 
 
 class FullyConvVAE(nn.Module):
-    """Conv encoder -> 3x3 conv heads -> z, a small image (C, S/16, S/16) -> conv decoder. No
-    nn.Linear, and no kernel covers the whole map (a dense layer in disguise would): a larger
-    latent grid decodes to a larger image. Shapes: 64x64 images, widths (16, 32, 64, 128), C = 8."""
+    """Conv encoder -> 3x3 conv heads (mu, logvar of z, a small image (C, S/16, S/16)); z -> conv
+    decoder. No nn.Linear, and no kernel covers the whole map (a dense layer in disguise would),
+    so a larger latent grid decodes to a larger image. Shapes: 64x64 images, WIDTHS, C = 8."""
     arch = "fullyconv"
 
     def __init__(self, size=64, latent_channels=8, widths=WIDTHS):
@@ -269,8 +269,8 @@ HISTORY = ("epoch", "train_rec", "train_kl", "val_rec", "val_kl", "val_loss", "b
 
 
 def lr_at(step, total, lr):
-    """A linear ramp over the first 200 steps (10% of a shorter run), so that Adam's averages
-    settle before full steps, then a cosine decay to 5% of lr, which settles the decoder."""
+    """A linear ramp over min(200 steps, 10% of the run), so that Adam's averages settle before
+    full steps, then a cosine decay to 5% of lr: small steps that settle the decoder at the end."""
     ramp = min(200, total // 10)
     if step < ramp:
         return lr * (step + 1) / ramp
@@ -285,7 +285,7 @@ def beta_at(step, warmup_steps, beta):
 
 @torch.no_grad()
 def validate(model, images, device, beta, batch_size=500):
-    """Mean (loss, rec, kl) in nats per image over uint8 images (N, 1, S, S), at full beta."""
+    """Mean (loss, rec, kl) in nats/image of uint8 images (N, 1, S, S), at full beta: the -ELBO."""
     was_training = model.training
     model.eval()
     total = torch.zeros(3, dtype=torch.float64)
@@ -372,9 +372,11 @@ def slerp(u0, u1, steps):
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
     omega = torch.arccos(cos.clamp(-1, 1)).view(1, -1, 1)                   # (1, P, 1)
     t = torch.linspace(0, 1, steps).view(-1, 1, 1)                          # (steps, 1, 1)
-    sin = torch.sin(omega).clamp_min(1e-6)        # near-parallel ends: nearly a straight line
-    path = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / sin
-    return path.view(steps, *u0.shape)
+    sin = torch.sin(omega).clamp_min(1e-12)
+    straight = omega < 1e-6                       # parallel ends: the straight line is the arc
+    w0 = torch.where(straight, 1 - t, torch.sin((1 - t) * omega) / sin)    # (steps, P, 1)
+    w1 = torch.where(straight, t, torch.sin(t * omega) / sin)
+    return (w0 * a + w1 * b).view(steps, *u0.shape)
 
 
 @torch.no_grad()
