@@ -249,7 +249,7 @@ def test_the_flow_leaves_the_vae_weights_and_noise_as_they_are(tmp_path):
     # the same seed gives the same VAE under either prior, and the same noise in training
     models, noise = [], []           # noise: the global random state after building, for training
     for p in ("flow", "gaussian"):
-        models.append(vae.new_model(vae.parse_args(["--arch", "dense", "--widths", "8,16,16,16", "--prior", p]), CPU))
+        models.append(vae.new_model(vae.parse_args(["--arch", "dense", "--widths", "8", "16", "16", "16", "--prior", p]), CPU))
         noise.append(torch.randn(3))
     assert torch.equal(*noise)
     for key, value in models[1].state_dict().items():
@@ -309,6 +309,36 @@ def test_esmda_recovers_the_analytic_linear_gaussian_posterior():
     # the ensemble mean's sampling error is sd_post / sqrt(n) < 0.01
     torch.testing.assert_close(post.mean(0), m0 + gain @ (d_obs - G @ m0), rtol=0, atol=0.02)
     torch.testing.assert_close(torch.cov(post.T), c_m - gain @ G @ c_m, rtol=0, atol=0.02)
+
+
+def test_device_work_never_meets_a_cpu_tensor():
+    # PyTorch's meta device holds shapes only and, as CUDA does, refuses to mix with CPU
+    # tensors (0-d scalars apart): a tensor made on the CPU by mistake in device work raises
+    # here as it would on a GPU, on a machine without one
+    meta = torch.device("meta")
+    for arch in vae.ARCHS:
+        model = flow_model(arch).to(meta)
+        x = torch.zeros(4, 1, 64, 64, device=meta)
+        loss = vae.train_step(model, torch.optim.Adam(model.parameters()), x, 1.0, 1e-3)[0]
+        assert loss.device == meta                                          # a training step
+        z = vae.sample_latents(model, 3, torch.Generator().manual_seed(0))    # prior draws, decoded
+        assert vae.decode_probs(model, z, meta).shape == (3, 1, 64, 64)
+        ends = torch.zeros(2, 2, *model.latent_shape, device=meta)            # an interpolation
+        assert vae.interpolate(model, ends, 5, meta).shape == (5, 2, 1, 64, 64)
+        res = vae.condition_on_wells(model, images(1)[0], meta, n_wells=4, members=6, assimilations=2)
+        assert res["posterior"].device == meta                               # ES-MDA updates
+        # the shaping phase's pieces (its log line reads values, which meta tensors lack)
+        probs = torch.sigmoid(model.decode(model.prior.to_z(torch.zeros(5, *model.latent_shape, device=meta))))
+        gaps = [vae.wasserstein1(a, b) for a, b in zip(vae.soft_statistics(probs), vae.soft_statistics(x))]
+        (model.prior.log_prob(z).mean() + sum(gaps)).backward()
+        queries = torch.zeros(3, 1, 64, 64, dtype=torch.uint8, device=meta)  # the nearest-image search
+        assert vae.nearest(queries, images(5), chunk=2)[0].device == meta
+    # the counts read their data (unique, nonzero), so they run on real CPU tensors here, with
+    # meta as the default device: a tensor made without naming the input's device lands there
+    m = images(6)[:, 0].bool()
+    want = [v.tolist() for v in vae.pieces_and_spanning(m)] + [vae.run_widths(m)[0].tolist()]
+    with torch.device("meta"):
+        assert [v.tolist() for v in vae.pieces_and_spanning(m)] + [vae.run_widths(m)[0].tolist()] == want
 
 
 # ============================================================================ Part 3, resume, Ctrl-C, end to end, bad input
@@ -409,15 +439,18 @@ def interrupt_after(proc, marker, delay):
 
 
 def test_ctrl_c_keeps_the_last_checkpoint_leaves_no_half_file_exits_130_and_is_never_lost(tmp_path):
-    # in training, after the first epoch's checkpoint; and while the synthetic file is written
-    train = ["--arch", "dense", "--data", tiny_h5(tmp_path / "d.h5", n=400), "--out", tmp_path / "o",
-             "--epochs", "500", "--batch-size", "8", "--widths", "8,16,16,16"]
-    errs = [interrupt_after(start(argv, tmp_path, slow), marker, 0.5) for argv, marker, slow in (
-        (train, "epoch 1 done", False), (["--arch", "dense", "--out", tmp_path / "g"], "generating", True))]
+    # in training, after the first epoch's checkpoint and before it (200 steps of 2 images);
+    # and while the synthetic file is written
+    train = ["--arch", "dense", "--data", tiny_h5(tmp_path / "d.h5", n=400), "--epochs", "500", "--widths", 8, 16, 16, 16]
+    errs = [interrupt_after(start(argv, tmp_path, slow), marker, delay) for argv, marker, delay, slow in (
+        (train + ["--out", tmp_path / "o", "--batch-size", "8"], "epoch 1 done", 0.5, False),
+        (train + ["--out", tmp_path / "early", "--batch-size", "2"], "parameters", 0.1, False),
+        (["--arch", "dense", "--out", tmp_path / "g"], "generating", 0.5, True))]
     for code, err in errs:
         assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "--resume" in errs[0][1] and "half-written" in errs[1][1]
+    assert "--resume" in errs[0][1] and "no checkpoint was written" in errs[1][1] and "half-written" in errs[2][1]
     assert len(vae.load_file(tmp_path / "o" / "checkpoint.pt", "checkpoint")["history"]["epoch"]) >= 1
+    assert not (tmp_path / "early" / "checkpoint.pt").exists()
     assert not list((tmp_path / "o").glob("*.tmp")) and list((tmp_path / "data").iterdir()) == []
     # Python cannot raise a KeyboardInterrupt from a finalizer (h5py runs some): the hook must
     script = ("import signal, sys, time\nsys.path.insert(0, {here!r})\nimport vae\n"
@@ -438,7 +471,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     argv = {arch: [str(a) for a in ["--arch", arch, "--data", tiny_h5(root / "d.h5", n=200), "--out",
                                     root / "res" / arch, "--epochs", "1", "--batch-size", "16", "--widths",
-                                    "8,16,16,16", "--eval-n", "10", "--shape-steps", "3"]] for arch in vae.ARCHS}
+                                    8, 16, 16, 16, "--eval-n", "10", "--shape-steps", "3", "--seed", "3"]]
+            for arch in vae.ARCHS}
     for args in argv.values():
         vae.main(args + ["--device", "cpu"])
     return root, argv
@@ -453,14 +487,22 @@ def test_main_trains_evaluates_samples_and_conditions(trained, capsys, arch):
                      "history.json", "config.json", "model.pt", "metrics.json", "checkpoint.pt",
                      *(["large_field.png"] if arch == "fullyconv" else [])}, names
     config, metrics = vae.read_json(out / "config.json"), vae.read_json(out / "metrics.json")
-    assert config["shape_minutes"] > 0 and config["train_img_per_s"] > 0
+    assert config["shape_minutes"] > 0 and metrics["train_img_per_s"] == config["train_img_per_s"] > 0
+    assert metrics["train_minutes"] == config["train_minutes"] > 0
     assert config["code_version"]["vae_py_sha256"] == metrics["code_version"]["vae_py_sha256"]
     assert metrics["prior"] == "flow" and set(metrics["samples"]) == {"flow", "posterior"}
-    assert 0 <= metrics["real_recon_accuracy"] <= 1 and metrics["active_units"] <= metrics["latent_dim"]
+    # a user's own file: no row of the exercise's 13 real images, nor their score
+    assert metrics["real_recon_accuracy"] is None and metrics["active_units"] <= metrics["latent_dim"]
     assert "flow prior" in (root / "res" / "comparison.md").read_text()
+    # --evaluate takes the seed (3) and the data file from the model's config.json: its
+    # held-out images are the ones training held out, and it scores them as --seed 3 does
     (out / "samples.png").unlink()
-    code, stdout, err = run_main(argv[arch] + ["--evaluate"], capsys)
-    assert code == 0 and (out / "samples.png").is_file() and "epoch 1/" not in stdout, err
+    scores = []
+    for extra in ([], ["--seed", "3", "--data", argv[arch][3]], ["--seed", "0"]):
+        code, stdout, err = run_main(["--arch", arch, "--out", out, "--evaluate", *extra], capsys)
+        assert code == 0 and "epoch 1/" not in stdout, err
+        scores.append(vae.read_json(out / "metrics.json")["neg_elbo"])
+    assert (out / "samples.png").is_file() and scores[0] == scores[1] != scores[2], scores
     # --sample: thresholded prior samples in the real file's layout, which load_images reads
     assert run_main(argv[arch] + ["--sample", "37"], capsys)[0] == 0
     model = vae.load_model(out / "model.pt")
@@ -481,23 +523,40 @@ def test_main_trains_evaluates_samples_and_conditions(trained, capsys, arch):
 
 def test_resume_continues_from_the_checkpoint_and_bad_checkpoints_end_cleanly(trained, capsys, tmp_path):
     root, argv = trained
-    code, stdout, err = run_main(argv["dense"] + ["--epochs", "2", "--resume"], capsys)
-    assert code == 0 and "resuming after epoch 1" in stdout and "epoch 2 done" in stdout, err
-    assert vae.read_json(root / "res" / "dense" / "history.json")["epoch"] == [1, 2]
+    code, stdout, err = run_main(argv["dense"] + ["--epochs", "3", "--resume"], capsys)
+    assert code == 0 and "resuming after epoch 1" in stdout and "epoch 3 done" in stdout, err
+    history = vae.read_json(root / "res" / "dense" / "history.json")
+    # the schedule of the 1-epoch run goes on at its final rate: the rate never rises again
+    assert history["epoch"] == [1, 2, 3] and history["lr"] == sorted(history["lr"], reverse=True), history["lr"]
     (tmp_path / "junk.pt").write_bytes(b"\x00not a checkpoint")
-    for ckpt, fragment in ((tmp_path / "missing.pt", "checkpoint not found"),
-                           (tmp_path / "junk.pt", "corrupt or not a PyTorch file"),
-                           (root / "res" / "fullyconv" / "checkpoint.pt", "holds a model with arch fullyconv")):
-        assert_clean_error(*run_main(argv["dense"] + ["--resume", ckpt], capsys)[::2], fragment)
+    for ckpt, extra, fragment in ((tmp_path / "missing.pt", [], "checkpoint not found"),
+                                  (tmp_path / "junk.pt", [], "corrupt or not a PyTorch file"),
+                                  (root / "res" / "fullyconv" / "checkpoint.pt", [], "holds a model with arch fullyconv"),
+                                  (root / "res" / "dense" / "checkpoint.pt", ["--latent-dim", "8"],
+                                   "holds a model with latent_dim 32, but this run asks for 8")):
+        assert_clean_error(*run_main(argv["dense"] + ["--resume", ckpt, *extra], capsys)[::2], fragment)
+    assert_clean_error(*run_main(argv["fullyconv"] + ["--evaluate", "--latent-channels", "4"], capsys)[::2],
+                       "holds a model with latent_channels 8, but this run asks for 4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_commands_run_end_to_end_on_a_gpu(tmp_path, capsys):
+    for arch in vae.ARCHS:
+        argv = ["--arch", arch, "--out", tmp_path / arch, "--device", "cuda"]
+        code, _, err = run_main(argv + ["--data", tiny_h5(tmp_path / "d.h5", n=200), "--epochs", "2", "--batch-size",
+                                        "16", "--eval-n", "10", "--shape-steps", "3"], capsys)
+        assert code == 0, err
+        for extra in (["--evaluate"], ["--sample", "7"], ["--condition", "--wells", "4"]):
+            assert run_main(argv + extra, capsys)[0] == 0
 
 
 def test_vae_py_copied_alone_trains_the_plain_vae_into_its_own_folder(tmp_path):
     # without results/real_reference.npz beside it, training still finishes and says what it
     # skipped; --prior gaussian lands in results/dense-gaussian, the default --out
     shutil.copy(HERE / "vae.py", tmp_path / "vae.py")
-    tiny_h5(tmp_path / "d.h5", n=120)
-    done = subprocess.run([sys.executable, "vae.py", "--arch", "dense", "--data", "d.h5", "--epochs", "1",
-                           "--batch-size", "16", "--widths", "8,16,16,16", "--eval-n", "8", "--device", "cpu",
+    tiny_h5(tmp_path / "train_images.h5", n=120)        # named as the exercise's file: the 13 real images are wanted
+    done = subprocess.run([sys.executable, "vae.py", "--arch", "dense", "--data", "train_images.h5", "--epochs", "1",
+                           "--batch-size", "16", "--widths", "8", "16", "16", "16", "--eval-n", "8", "--device", "cpu",
                            "--prior", "gaussian"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "real_reference.npz not found" in done.stdout, done.stderr
     out = tmp_path / "results" / "dense-gaussian"
@@ -546,14 +605,14 @@ def test_bad_files_devices_and_folders_end_in_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, fragment", [(a, "") for a in (
     "--size 96", "--epochs -1", "--epochs 0", "--beta -0.5", "--beta nan", "--lr nan", "--lr 0",
-    "--warmup inf", "--latent-dim 0", "--batch-size 0", "--widths 8,x", "--widths 8,-2", "--arch mlp",
+    "--warmup inf", "--latent-dim 0", "--batch-size 0", "--widths 8 x", "--widths 8 -2", "--arch mlp",
     "--prior normal", "--wells 0", "--sample 0", "--sample -5")] + [
     ("--arch fullyconv --sample 10 --grid 0", "argument --grid"), ("", "argument --arch"),
     ("--sample 10 --grid 8", "argument --grid"),                  # dense has no grid
     ("--arch fullyconv --grid 8", "argument --grid"),             # without --sample
     ("--sample 10 --condition", "not allowed with"), ("--latent-dim 1", "a flow prior couples half"),
     ("--arch fullyconv --latent-channels 1", "a flow prior couples half"),
-    ("--widths 8,8,8,8,8,8,8", "divisible by 2^7")])
+    ("--widths 8 8 8 8 8 8 8", "divisible by 2^7")])
 def test_bad_flags_are_argparse_errors(capsys, argv, fragment):
     argv = argv.split()
     code, _, err = run_main((["--arch", "dense"] if argv and "--arch" not in argv else []) + argv, capsys)
@@ -591,7 +650,7 @@ def test_help_states_the_defaults_and_the_file_reads_as_a_tutorial(capsys):
         vae.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(d in text for d in ("(default: 128)", "(default: 0.002)", "(default: 1000)", "(default: flow)",
-                                   "(default: 24 dense, 20 fullyconv)", "(default: 16,32,64,128)"))
+                                   "(default: 24 dense, 20 fullyconv)", "(default: 16 32 64 128)"))
     assert "(default: None)" not in text
     assert [vae.parse_args(["--arch", a]).epochs for a in vae.ARCHS] == [24, 20]
     source = (HERE / "vae.py").read_text()

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import h5py
@@ -214,7 +214,7 @@ def neg_elbo(model, x, beta=1.0, bf16=False):
     """x (B, 1, S, S) in {0, 1} -> (loss, rec, kl), each the batch mean in nats per image."""
     # bf16=True runs the encoder's and decoder's layers in bfloat16 (faster where the hardware
     # has it); their outputs go back to fp32, so z, the KL and the sums over pixels are fp32.
-    amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with amp:
         mu, logvar = model.encode(x)                  # (B, *latent_shape) each
     mu, logvar = mu.to(x.dtype), logvar.to(x.dtype)
@@ -296,51 +296,61 @@ def validate(model, images, device, beta, batch_size=500):
     return (total / len(images)).tolist()
 
 
+def read_means(sums, n, epoch):
+    """The summed (rec, kl) of n steps -> their means as floats; a NaN or inf stops training."""
+    rec, kl = (sums / n).tolist()
+    if not math.isfinite(rec + kl):
+        raise FloatingPointError(f"the loss became {rec + kl} at epoch {epoch + 1}")
+    return rec, kl
+
+
 def train(model, train_x, val_x, device, epochs, batch_size=BATCH_SIZE, lr=LR, beta=1.0,
           warmup=KL_WARMUP, seed=0, bf16=False, resume=None, on_epoch=None, log=print):
     """Adam on the -ELBO; train_x, val_x uint8 (N, 1, S, S) -> history, a list per HISTORY key.
-    After each epoch on_epoch(state) gets what a resumed run needs; resume=state goes on."""
+    After each epoch on_epoch(state) gets what a resumed run needs; resume=state goes on, with
+    the learning-rate schedule of the epochs it began with (extra epochs run at its last rate)."""
     steps = len(train_x) // batch_size                          # per epoch
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)   # one kernel for all weights
-    history = {k: [] for k in HISTORY}
+    history, total = {k: [] for k in HISTORY}, steps * epochs
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"])
         torch.cuda.set_rng_state_all(resume["rng_cuda"])
-        history = resume["history"]
+        history, total = resume["history"], resume["schedule_steps"]
     t_log = time.perf_counter()
     model.train()
     for epoch in range(len(history["epoch"]), epochs):
         # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(len(train_x), generator=g).to(train_x.device)
-        sums = torch.zeros(2, dtype=torch.float64)
+        # the loss terms add up on the device: reading them (.item()) would make a GPU wait
+        # for every step, so they are read, and checked for NaN, at each log and epoch end
+        sums = torch.zeros(2, device=device)
         t0 = time.perf_counter()
         for s in range(steps):
             i = epoch * steps + s
-            b, r = beta_at(i, round(warmup * steps), beta), lr_at(i, steps * epochs, lr)
+            b, r = beta_at(i, round(warmup * steps), beta), lr_at(i, total, lr)
             x = to_float(train_x[order[s * batch_size:(s + 1) * batch_size]], device)
-            loss, rec, kl = train_step(model, opt, x, b, r, bf16)
-            if not loss.isfinite():
-                raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch + 1}")
-            sums += torch.tensor([rec.item(), kl.item()])
+            sums += torch.stack(train_step(model, opt, x, b, r, bf16)[1:]).detach()
             if time.perf_counter() - t_log > 30:                # progress every 30 s
+                rec, kl = read_means(sums, s + 1, epoch)
                 t_log = time.perf_counter()
                 rate = (s + 1) * batch_size / (t_log - t0)     # img/s in this epoch
                 left = (steps * epochs - i - 1) * batch_size / rate / 60
-                log(f"epoch {epoch + 1}/{epochs} step {s + 1}/{steps}  rec {rec.item():6.1f}  kl "
-                    f"{kl.item():5.1f}  {rate:4.0f} img/s  ETA {left:.1f} min")
+                log(f"epoch {epoch + 1}/{epochs} step {s + 1}/{steps}  rec {rec:6.1f}  kl "
+                    f"{kl:5.1f}  {rate:4.0f} img/s  ETA {left:.1f} min")
         seconds = time.perf_counter() - t0
+        rec, kl = read_means(sums, steps, epoch)
         val_loss, val_rec, val_kl = validate(model, val_x, device, beta)
-        row = (epoch + 1, *(sums / steps).tolist(), val_rec, val_kl, val_loss, b, r, seconds)
+        row = (epoch + 1, rec, kl, val_rec, val_kl, val_loss, b, r, seconds)
         for key, value in zip(HISTORY, row):
             history[key].append(value)
         log(f"epoch {epoch + 1} done: held-out -ELBO {val_loss:.1f} = rec {val_rec:.1f} + kl "
             f"{val_kl:.1f} nats/img ({seconds:.0f} s)")
         if on_epoch:                # Part 3 saves this as the checkpoint
             on_epoch({"model": model.state_dict(), "optimizer": opt.state_dict(), "history":
-                      history, "rng": torch.get_rng_state(),
+                      history, "schedule_steps": total, "rng": torch.get_rng_state(),
                       "rng_cuda": torch.cuda.get_rng_state_all()})
     return history
 
@@ -359,8 +369,8 @@ def sample_latents(model, n, generator=None, grid=None):
 
 @torch.no_grad()
 def decode_probs(model, z, device, batch_size=500):
-    """Decoder probabilities for latents z (N, *latent) -> (N, 1, S, S) float on the CPU."""
-    return torch.cat([torch.sigmoid(model.decode(z[i:i + batch_size].to(device))).cpu()
+    """Decoder probabilities for latents z (N, *latent) -> (N, 1, S, S) float on the device."""
+    return torch.cat([torch.sigmoid(model.decode(z[i:i + batch_size].to(device)))
                       for i in range(0, len(z), batch_size)])
 
 
@@ -371,7 +381,7 @@ def slerp(u0, u1, steps):
     a, b = u0.flatten(1), u1.flatten(1)                                     # (P, d)
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
     omega = torch.arccos(cos.clamp(-1, 1)).view(1, -1, 1)                   # (1, P, 1)
-    t = torch.linspace(0, 1, steps).view(-1, 1, 1)                          # (steps, 1, 1)
+    t = torch.linspace(0, 1, steps, device=a.device).view(-1, 1, 1)         # (steps, 1, 1)
     sin = torch.sin(omega).clamp_min(1e-12)
     straight = omega < 1e-6                       # parallel ends: the straight line is the arc
     w0 = torch.where(straight, 1 - t, torch.sin((1 - t) * omega) / sin)    # (steps, P, 1)
@@ -383,9 +393,9 @@ def slerp(u0, u1, steps):
 def interpolate(model, ends, steps, device):
     """Decoded paths in the prior's Gaussian noise u between latents: ends (2, P, *latent), P
     starts and P ends -> probabilities (steps, P, 1, S, S)."""
-    u = model.prior.to_u(ends.flatten(0, 1).to(device)).cpu().view(ends.shape)
+    u = model.prior.to_u(ends.flatten(0, 1).to(device)).view(ends.shape)
     path = slerp(u[0], u[1], steps)                                 # (steps, P, *latent)
-    z = model.prior.to_z(path.flatten(0, 1).to(device))
+    z = model.prior.to_z(path.flatten(0, 1))
     return decode_probs(model, z, device).view(steps, ends.shape[1], 1, model.size, model.size)
 
 
@@ -399,7 +409,7 @@ def show_grid(rows, title, row_labels=None, panel=1.3, panel_titles=None):
         ax.set_axis_off()
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
-            axes[i, j].imshow(image[0].float().numpy(), cmap="viridis", vmin=0, vmax=1,
+            axes[i, j].imshow(image[0].float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1,
                               interpolation="nearest")
             axes[i, j].set_title(panel_titles[i][j] if panel_titles and panel_titles[i] else "",
                                  fontsize=7)
@@ -421,9 +431,10 @@ def sample_figures(model, val_x, device, note, seed=0):
 
     # held-out image r -> held-out image k + r (ends shown), then two pairs of prior draws
     k = min(4, len(val_x) // 2)
-    z_held = model.encode(to_float(val_x[:2 * k], device))[0].cpu().view(2, k, *model.latent_shape)
-    z_prior = sample_latents(model, 4, g).cpu().view(2, 2, *model.latent_shape)
-    frames = interpolate(model, torch.cat([z_held, z_prior], 1), 10, device)  # (10, k+2, 1, S, S)
+    z_held = model.encode(to_float(val_x[:2 * k], device))[0].view(2, k, *model.latent_shape)
+    z_prior = sample_latents(model, 4, g).view(2, 2, *model.latent_shape)
+    ends = torch.cat([z_held, z_prior], 1)                                 # (2, k + 2, *latent)
+    frames = interpolate(model, ends, 10, device).cpu()                    # (10, k + 2, 1, S, S)
     rows = [frames[:, r] for r in range(k + 2)]
     for r in range(k):
         rows[r] = torch.cat([val_x[r:r + 1].float(), rows[r], val_x[k + r:k + r + 1].float()])
@@ -601,9 +612,9 @@ def wasserstein1(a, b):
     if len(a) == 0 or len(b) == 0:
         return torch.tensor(float("nan"))
     a, b = a.sort().values, b.sort().values
-    qa = torch.arange(1, len(a) + 1, dtype=torch.float64) / len(a)   # a[i] holds up to qa[i]
-    qb = torch.arange(1, len(b) + 1, dtype=torch.float64) / len(b)
-    q = torch.cat([qa, qb]).unique()                                   # (Q,) sorted
+    qa = torch.arange(1, len(a) + 1, dtype=torch.float64, device=a.device) / len(a)  # a[i] holds
+    qb = torch.arange(1, len(b) + 1, dtype=torch.float64, device=a.device) / len(b)  # up to qa[i]
+    q = torch.cat([qa, qb]).sort().values          # (Q,); a repeated level adds a zero step
     ia = torch.searchsorted(qa, q).clamp(max=len(a) - 1)
     ib = torch.searchsorted(qb, q).clamp(max=len(b) - 1)
     width = torch.diff(q, prepend=q.new_zeros(1)).to(a.dtype)         # (Q,) quantile steps
@@ -683,7 +694,7 @@ def condition_on_wells(model, truth, device, n_wells=16, members=MEMBERS, obs_sd
                        assimilations=ASSIMILATIONS, seed=0):
     """ES-MDA on one image: its facies at n_wells random pixels are the data. truth (1, S, S)
     uint8 -> dict: wells (K, 2) as (row, col), obs (K,), and the prior and posterior
-    ensembles' decoder probabilities (members, 1, S, S)."""
+    ensembles' decoder probabilities (members, 1, S, S), on the device."""
     if n_wells >= truth.numel():
         raise DataError(f"--wells {n_wells}: an image has only {truth.numel()} pixels")
     g = torch.Generator().manual_seed(seed)
@@ -699,8 +710,8 @@ def condition_on_wells(model, truth, device, n_wells=16, members=MEMBERS, obs_sd
 
     u = torch.randn(members, *model.latent_shape, generator=g).flatten(1).to(device)   # (N, P)
     post = esmda(forward, u, d_obs, obs_sd, assimilations, generator=g)
-    return {"wells": torch.stack([flat // S, flat % S], 1), "obs": d_obs.cpu(),
-            "prior": decode(u).cpu(), "posterior": decode(post).cpu()}
+    return {"wells": torch.stack([flat // S, flat % S], 1), "obs": d_obs,
+            "prior": decode(u), "posterior": decode(post)}
 
 
 def ensemble_report(probs, wells, obs):
@@ -720,12 +731,13 @@ def conditioning_study(model, val_x, device, n_wells=16, seed=0, log=print):
     pick = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))[:TRUTHS]
     cases, members = [], []
     for i, idx in enumerate(pick.tolist()):
-        res = condition_on_wells(model, val_x[idx], device, n_wells, seed=seed + i)
+        res = {k: v.cpu() for k, v in
+               condition_on_wells(model, val_x[idx], device, n_wells, seed=seed + i).items()}
         prior, post = (ensemble_report(res[k], res["wells"], res["obs"])
                        for k in ("prior", "posterior"))
         cases.append({"held_out_index": idx, "prior": prior, "posterior": post,
                       "truth_proportion": val_x[idx].float().mean().item(),
-                      "spread_ratio": post["spread"] / prior["spread"]})
+                      "spread_ratio": post["spread"] / max(prior["spread"], 1)})  # in pixels
         members.append((res["posterior"] >= 0.5).to(torch.uint8))
         if i == 0:
             first = (val_x[idx], res)                                 # for the figure
@@ -887,6 +899,7 @@ def real_reference(size):
     """The 13 re-digitized real images (results/real_reference.npz beside this file) ->
     uint8 (13, 1, size, size), or None if the file is not there (vae.py copied alone)."""
     if not REAL_REFERENCE.is_file():
+        print(f"{REAL_REFERENCE} not found: the 13 real images are left out")
         return None
     x = torch.from_numpy(np.load(REAL_REFERENCE)["images"]).permute(0, 3, 1, 2).contiguous()
     return downsample_majority(x) if size < x.shape[-1] else x
@@ -897,8 +910,10 @@ def get_data(path, size, log=print):
     (uint8 images (N, 1, size, size), the file they came from)."""
     if path is None and not DEFAULT_DATA.is_file():
         log(f"{DEFAULT_DATA} not found: using the synthetic stand-in. The real data: {DATA_URL}")
-        path = synthetic_data(log)
+        path = SYNTHETIC_DATA
     path = Path(path or DEFAULT_DATA)
+    if path == SYNTHETIC_DATA:
+        synthetic_data(log)                                 # made once
     return load_images(path, size), path
 
 
@@ -923,18 +938,18 @@ def connected_components(m):
     changes (a channel that winds k times needs about k rounds, not one per pixel)."""
     on = m.flatten()
     if not on.any():                                   # no channel pixel at all
-        return torch.zeros(m.shape, dtype=torch.long)
+        return torch.zeros(m.shape, dtype=torch.long, device=m.device)
     row_id = horizontal_runs(m).flatten()[on]                                   # (P,)
     col_id = horizontal_runs(m.transpose(1, 2)).transpose(1, 2).flatten()[on]   # (P,)
     label = torch.nonzero(on).squeeze(1) + 1                                     # (P,)
     while True:
         before = label
         for run in (row_id, col_id):
-            best = torch.zeros(int(run.max()) + 1, dtype=label.dtype)
+            best = label.new_zeros(int(run.max()) + 1)
             label = best.scatter_reduce_(0, run, label, "amax")[run]
         if torch.equal(label, before):
             break
-    out = torch.zeros(m.numel(), dtype=torch.long)
+    out = label.new_zeros(m.numel())
     out[on] = label
     return out.view(m.shape)
 
@@ -944,8 +959,8 @@ def pieces_and_spanning(m):
     the top edge to the bottom edge, as flow paths do -> two int64 (B,) tensors."""
     lab = connected_components(m)
     labels, piece_of = torch.unique(lab.flatten()[m.flatten()], return_inverse=True)
-    image = torch.arange(len(m)).repeat_interleave(m[0].numel())[m.flatten()]
-    owner = torch.zeros(len(labels), dtype=torch.long).scatter_(0, piece_of, image)   # (Q,)
+    image = torch.arange(len(m), device=m.device).repeat_interleave(m[0].numel())[m.flatten()]
+    owner = labels.new_zeros(len(labels)).scatter_(0, piece_of, image)                # (Q,)
     spans = torch.isin(labels, lab[:, 0]) & torch.isin(labels, lab[:, -1])            # (Q,)
     return torch.bincount(owner, minlength=len(m)), torch.bincount(owner[spans], minlength=len(m))
 
@@ -956,7 +971,7 @@ def run_widths(m):
     ids = horizontal_runs(m)
     lengths = torch.bincount(ids.flatten())
     image = torch.zeros_like(lengths).scatter_(
-        0, ids.flatten(), torch.arange(len(m)).repeat_interleave(m[0].numel()))
+        0, ids.flatten(), torch.arange(len(m), device=m.device).repeat_interleave(m[0].numel()))
     keep = lengths > 0
     keep[ids[..., 0]] = False
     keep[ids[..., -1]] = False
@@ -988,7 +1003,7 @@ def pattern_histogram(m):
     """Pooled histogram of the 512 possible 3x3 binary patterns. m: (B, H, W) -> (512,).
     A pattern's code is sum_k 2^k x_k, k = 3 * row + column inside the 3x3 window."""
     patches = F.unfold(m.float().unsqueeze(1), 3)                 # (B, 9, L)
-    codes = (patches * (2 ** torch.arange(9.0)).view(1, 9, 1)).sum(1).long()
+    codes = (patches * (2 ** torch.arange(9.0, device=m.device)).view(1, 9, 1)).sum(1).long()
     hist = torch.bincount(codes.flatten(), minlength=512).double()
     return hist / hist.sum()
 
@@ -1032,11 +1047,12 @@ def hamming(a, b):
 
 
 def nearest(queries, pool, chunk=4096):
-    """Each query image's nearest image in pool -> Hamming distances (Q,), indices (Q,)"""
-    best = torch.full((len(queries),), float("inf"))
-    index = torch.zeros(len(queries), dtype=torch.long)
+    """Each query image's nearest image in pool -> Hamming distances (Q,), indices (Q,), on the
+    queries' device: the pool (on the CPU, say) comes over a chunk at a time."""
+    best = torch.full((len(queries),), float("inf"), device=queries.device)
+    index = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
     for i in range(0, len(pool), chunk):
-        d, j = hamming(queries, pool[i:i + chunk]).min(1)
+        d, j = hamming(queries, pool[i:i + chunk].to(queries.device)).min(1)
         index = torch.where(d < best, j + i, index)
         best = torch.minimum(d, best)
     return best, index
@@ -1044,8 +1060,7 @@ def nearest(queries, pool, chunk=4096):
 
 def mean_pairwise_hamming(x):
     """Mean Hamming distance over all pairs of distinct images in x (N, ...)."""
-    i, j = torch.triu_indices(len(x), len(x), 1)
-    return hamming(x, x)[i, j].mean().item()
+    return torch.pdist(x.flatten(1).float(), p=0).mean().item()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -1055,7 +1070,7 @@ def encode_all(model, images, device, batch_size=500):
     """Posterior means and log-variances of uint8 images -> two (N, *latent_shape) tensors."""
     out = [model.encode(to_float(images[i:i + batch_size], device))
            for i in range(0, len(images), batch_size)]
-    return torch.cat([m.cpu() for m, _ in out]), torch.cat([v.cpu() for _, v in out])
+    return torch.cat([m for m, _ in out]), torch.cat([v for _, v in out])
 
 
 def reconstruct(model, images, device):
@@ -1065,7 +1080,8 @@ def reconstruct(model, images, device):
 
 def recon_accuracy(model, images, device):
     """The share of pixels that the reconstruction, thresholded at 0.5, gets right."""
-    return ((reconstruct(model, images, device) >= 0.5) == images.bool()).float().mean().item()
+    x = images.to(device).bool()
+    return ((reconstruct(model, images, device) >= 0.5) == x).float().mean().item()
 
 
 @torch.no_grad()
@@ -1091,7 +1107,7 @@ def evaluate(model, train_x, val_x, device, n=1000, seed=0, real=None):
     model.eval()
     n = min(n, len(val_x) // 2)
     torch.manual_seed(seed)
-    held, other = val_x[:n], val_x[n:2 * n]
+    held, other = val_x[:n].to(device), val_x[n:2 * n].to(device)   # the scores run there
     neg, rec, kl = validate(model, held, device, 1.0)               # nats per image
     mu = encode_all(model, held, device)[0]
     out = {"n": n, "prior": model.prior.name, "neg_elbo": neg, "elbo_rec": rec, "elbo_kl": kl,
@@ -1130,7 +1146,7 @@ def more_figures(model, train_x, val_x, history, out, device, note, real=None, s
     g = torch.Generator().manual_seed(seed)
     samples = (decode_probs(model, sample_latents(model, 8, g), device) >= 0.5).to(torch.uint8)
     (ds, js), (dh, jh) = nearest(samples, train_x), nearest(val_x[:8], train_x)
-    fig = show_grid([samples, train_x[js], val_x[:8], train_x[jh]],
+    fig = show_grid([samples, train_x[js.cpu()], val_x[:8], train_x[jh]],
                     f"{note}\neach prior sample and held-out image above its nearest training "
                     f"image; d = Hamming distance to it in pixels",
                     ["prior sample", "nearest train", "held-out", "nearest train"],
@@ -1296,7 +1312,8 @@ def write_samples(model, n, path, device, grid=None, seed=0, batch_size=500):
     model.eval()
     g = torch.Generator().manual_seed(seed)
     parts = ((decode_probs(model, sample_latents(model, min(batch_size, n - i), g, grid), device)
-              >= 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy() for i in range(0, n, batch_size))
+              >= 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+             for i in range(0, n, batch_size))
     write_h5(path, parts, arch=model.arch, prior=model.prior.name, seed=seed)
 
 
@@ -1349,8 +1366,8 @@ def load_file(path, what, device="cpu"):
         raise DataError(f"{path}: not a readable {what} of this script: {why}") from None
 
 
-def check_matches(path, cfg, **want):
-    """A saved model's config must match what this run asks for."""
+def check_matches(path, cfg, want):
+    """A saved model's config must match what this run asks for (None: asks nothing)."""
     for key, value in want.items():
         if value is not None and cfg.get(key) != value:
             raise DataError(f"{path}: holds a model with {key} {cfg.get(key)}, but this run "
@@ -1397,14 +1414,6 @@ def number(cast, low, strict=False):
     return parse
 
 
-def widths_list(text):
-    """--widths "16,32,64,128" -> (16, 32, 64, 128)"""
-    widths = tuple(int(w) for w in text.split(",") if w.isdigit())
-    if len(widths) != len(text.split(",")) or min(widths, default=0) < 1:
-        raise argparse.ArgumentTypeError(f"comma-separated positive integers, not {text}")
-    return widths
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train VAEs that generate channel facies images.")
     count = number(int, 1)
@@ -1417,7 +1426,9 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, choices=[64, NATIVE],
                    help="image size to train at (default: 64; a trained model keeps its own)")
     p.add_argument("--epochs", type=count, help=f"passes over the data (default: "
-                   f"{EPOCHS['dense']} dense, {EPOCHS['fullyconv']} fullyconv)")
+                   f"{EPOCHS['dense']} dense, {EPOCHS['fullyconv']} fullyconv); a resumed run "
+                   f"keeps the learning-rate schedule it began with, and runs extra epochs at its "
+                   f"final rate")
     p.add_argument("--batch-size", type=count, default=BATCH_SIZE, help="(default: %(default)s)")
     p.add_argument("--lr", type=number(float, 0, strict=True), default=LR,
                    help="peak learning rate (default: %(default)s)")
@@ -1428,17 +1439,18 @@ def parse_args(argv=None):
     p.add_argument("--shape-steps", type=number(int, 0), default=1000,
                    help="steps shaping the flow prior through the frozen decoder; 0 skips them "
                         "(default: %(default)s)")
-    p.add_argument("--latent-dim", type=count, default=32, help="dense (default: %(default)s)")
-    p.add_argument("--latent-channels", type=count, default=8,
-                   help="fullyconv, on a size/16 grid (default: %(default)s)")
-    p.add_argument("--widths", type=widths_list, default=WIDTHS, metavar="W1,W2,...",
-                   help=f"channels per stride-2 stage (default: {','.join(map(str, WIDTHS))})")
+    # the shape flags and --seed, --data default to None: a trained model brings its own
+    p.add_argument("--latent-dim", type=count, help="dense (default: 32)")
+    p.add_argument("--latent-channels", type=count,
+                   help="fullyconv, on a size/16 grid (default: 8)")
+    p.add_argument("--widths", type=count, nargs="+", metavar="W",
+                   help=f"channels per stride-2 stage (default: {' '.join(map(str, WIDTHS))})")
     p.add_argument("--fp32", action="store_true", help="no bf16 (default: bf16 in the encoder "
                    "and decoder where the CPU or GPU has it natively)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="sets the split, the weights and the noise (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="sets the split, the weights and the noise "
+                   "(default: 0; with a trained model, the seed it was trained with)")
     p.add_argument("--data", type=Path, help=f"HDF5 file (default: {DEFAULT_DATA}, else the "
-                                             f"synthetic stand-in)")
+                   f"synthetic stand-in; with a trained model, the file it was trained on)")
     p.add_argument("--out", type=Path, help="output folder (default: results/<arch>[-gaussian])")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps, ... (default: auto)")
     p.add_argument("--resume", type=Path, nargs="?", const="auto", metavar="CKPT",
@@ -1459,25 +1471,31 @@ def parse_args(argv=None):
         p.error("argument --arch: required (dense or fullyconv), except with --compare-data")
     if args.grid is not None and (args.arch != "fullyconv" or args.sample is None):
         p.error("argument --grid: only with --sample and --arch fullyconv")
-    if args.size is None and not (args.evaluate or args.condition or args.sample):
-        args.size = 64
-    if args.epochs is None and args.arch is not None:
-        args.epochs = EPOCHS[args.arch]
-    if args.size is not None and args.arch is not None:
-        try:                            # the model's own checks of these flags
-            new_model(args, torch.device("cpu"))
-        except ValueError as e:
-            p.error(str(e))
+    if args.evaluate or args.condition or args.sample or args.compare_data:
+        return args
+    for key, value in dict(size=64, latent_dim=32, latent_channels=8, widths=WIDTHS, seed=0,
+                           epochs=EPOCHS[args.arch]).items():      # training: the defaults
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    try:                                # the model's own checks of these flags
+        new_model(args, torch.device("cpu"))
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def asked_config(args):
+    """The model config that the flags ask for; None where they leave it to a trained model."""
+    latent = {"latent_dim": args.latent_dim} if args.arch == "dense" else \
+        {"latent_channels": args.latent_channels}
+    return {"arch": args.arch, "size": args.size, "prior": args.prior,
+            "widths": args.widths and list(args.widths), **latent}
 
 
 def new_model(args, device):
     """The untrained model that args describe: the same VAE weights under either prior."""
     torch.manual_seed(args.seed)
-    size = {"latent_dim": args.latent_dim} if args.arch == "dense" else \
-        {"latent_channels": args.latent_channels}
-    cfg = {"arch": args.arch, "size": args.size, "prior": args.prior, "widths": args.widths, **size}
-    return build_from_config(cfg, args.seed).to(device, memory_format=torch.channels_last)
+    return build_from_config(asked_config(args), args.seed).to(device,
+                                                                memory_format=torch.channels_last)
 
 
 def pick_device(name):
@@ -1519,11 +1537,12 @@ def device_name(device):
 def train_and_save(model, train_x, val_x, args, device, out, config, resume):
     """train() with a checkpoint after every epoch, then the shaping phase (flow prior) ->
     history. Ctrl-C keeps the last epoch's checkpoint and exits with status 130."""
-    ckpt = out / "checkpoint.pt"
+    ckpt, saved = out / "checkpoint.pt", []
 
     def save_checkpoint(state):
         with atomic(ckpt) as tmp:
             torch.save({**state, "config": model_config(model)}, tmp)
+        saved.append(ckpt)
     try:
         history = train(model, train_x, val_x, device, args.epochs, args.batch_size, args.lr,
                         args.beta, args.warmup, args.seed, config["precision"] == "bf16",
@@ -1533,8 +1552,12 @@ def train_and_save(model, train_x, val_x, args, device, out, config, resume):
             shape_prior(model, train_x, device, args.shape_steps, args.batch_size, args.seed)
             config["shape_minutes"] = (time.perf_counter() - t) / 60
     except KeyboardInterrupt:
-        saved = f"{ckpt} keeps the last finished epoch" if ckpt.is_file() else "no epoch finished"
-        print(f"interrupted: {saved}; the same command with --resume goes on", file=sys.stderr)
+        if saved or resume is not None:
+            print(f"interrupted: the checkpoint keeps the last finished epoch; the same command "
+                  f"with --resume goes on", file=sys.stderr)
+        else:
+            print("interrupted before the first epoch ended: no checkpoint was written",
+                  file=sys.stderr)
         raise SystemExit(130) from None
     config["train_minutes"] = sum(history["seconds"]) / 60
     config["train_img_per_s"] = len(train_x) // args.batch_size * args.batch_size * len(
@@ -1552,10 +1575,15 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)     # fails now, not after training, if it cannot
     if args.compare_data:
         return compare_data(out)
+    torch.backends.cudnn.benchmark = True      # on a GPU: the fastest kernels for fixed shapes
     if args.evaluate or args.condition or args.sample:              # these use a trained model
         model = load_model(out / "model.pt", device)
-        check_matches(out / "model.pt", model_config(model), arch=args.arch, size=args.size)
+        check_matches(out / "model.pt", model_config(model), {**asked_config(args), "prior": None})
+        # the trained model's seed and data file, so that its held-out images stay held out
+        trained = read_json(out / "config.json", {})
         args.size = model.size
+        args.seed = trained.get("seed", 0) if args.seed is None else args.seed
+        args.data = args.data or trained.get("data_file")
     if args.sample:
         grid = (args.grid, args.grid) if args.grid else None
         write_samples(model, args.sample, out / "samples.h5", device, grid, args.seed)
@@ -1565,10 +1593,10 @@ def run(args):
     if args.resume is not None:
         path = out / "checkpoint.pt" if str(args.resume) == "auto" else args.resume
         resume = load_file(path, "checkpoint")
-        if not isinstance(resume, dict) or not {"model", "optimizer", "history"} <= set(resume):
+        if not isinstance(resume, dict) or not {"model", "optimizer", "history", "config",
+                                                "schedule_steps"} <= set(resume):
             raise DataError(f"{path}: not a training checkpoint of this script")
-        check_matches(path, resume["config"], arch=args.arch, size=args.size,
-                      widths=list(args.widths), prior=args.prior)
+        check_matches(path, resume["config"], asked_config(args))
     images, data_path = get_data(args.data, args.size)
     train_x, val_x = split(images, args.seed)
     if len(train_x) < args.batch_size:
@@ -1577,6 +1605,9 @@ def run(args):
     del images                          # the split made copies
     data_name = "the synthetic stand-in" if data_path == SYNTHETIC_DATA else str(data_path)
     note = f"{args.arch} VAE trained on {data_name}"
+    # the 13 real images belong to the exercise's data: the stand-in or its train_images.h5
+    real = real_reference(args.size) if data_path.name in (SYNTHETIC_DATA.name, KEY + ".h5") \
+        else None
     if args.condition:
         return run_condition(model, val_x, out, device, args, note)
     print(f"data {data_path}: {len(train_x)} train + {len(val_x)} held-out images at "
@@ -1599,22 +1630,20 @@ def run(args):
         # on a GPU the uint8 images live on the device (200 MB for 50k at 64x64)
         history = train_and_save(model, train_x.to(device), val_x, args, device, out, config,
                                  resume)
-    report(model, train_x, val_x, history, config, out, device, note, args)
+    report(model, train_x, val_x, history, config, out, device, note, args, real)
 
 
-def report(model, train_x, val_x, history, config, out, device, note, args):
-    """The figures, metrics.json and comparison.md of a trained model."""
-    real = real_reference(model.size)
-    if real is None:
-        print(f"{REAL_REFERENCE} not found: the real-image reconstructions are skipped")
+def report(model, train_x, val_x, history, config, out, device, note, args, real):
+    """The figures, metrics.json and comparison.md of a trained model; real: the exercise's
+    13 real images, or None."""
     for name, fig in sample_figures(model, val_x, device, note, args.seed).items():
         save_figure(fig, out / name)
     more_figures(model, train_x, val_x, history, out, device, note, real, args.seed)
     t = time.perf_counter()
     metrics = evaluate(model, train_x, val_x, device, args.eval_n, args.seed, real)
     metrics.update(data=note.split(" trained on ")[1], code_version=code_version(),
-                   **{f"train_{k}": config.get(k) for k in ("device", "minutes", "img_per_s",
-                                                            "precision")})
+                   train_device=config.get("device"), train_precision=config.get("precision"),
+                   **{k: config.get(k) for k in ("train_minutes", "train_img_per_s")})
     write_json(out / "metrics.json", metrics)
     write_comparison(out.parent, val_x[:args.eval_n], device)
     s, floor = metrics["samples"][metrics["prior"]], metrics["floor"]
