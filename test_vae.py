@@ -34,13 +34,11 @@ def tiny_h5(path, n=160):
     return path
 
 
-def flow_model(arch, scale=0.0, **kwargs):
-    """A VAE with a flow prior; scale > 0 moves the flow off its start, a mere rotation."""
+def learned_model(arch, **kwargs):
+    """A small VAE with an (untrained) learned prior of Part 2."""
     torch.manual_seed(0)
-    model = vae.add_flow_prior(vae.build_model(arch, 64, **{**TINY, **kwargs})).eval()
-    with torch.no_grad():
-        for p in model.prior.parameters():
-            p.add_(scale * torch.randn_like(p))
+    model = vae.build_model(arch, 64, **{**TINY, **kwargs}).eval()
+    model.prior = vae.LearnedPrior(model.latent_shape, hidden=16, depth=2, steps=4)
     return model
 
 
@@ -110,8 +108,8 @@ def test_shapes_and_no_dense_layer_in_fullyconv_not_even_in_disguise():
         assert mu.shape == logvar.shape == (3, *model.latent_shape)
         assert model.decode(torch.randn(3, *model.latent_shape)).shape == (3, 1, size, size)
         assert model.latent_shape == ((32,) if arch == "dense" else (8, size // 16, size // 16))
-    model = flow_model("fullyconv")                     # the flow prior included
-    assert [any(isinstance(m, nn.Linear) for m in flow_model(a).modules()) for a in vae.ARCHS] == [True, False]
+    model = learned_model("fullyconv")                  # the learned prior included
+    assert [any(isinstance(m, nn.Linear) for m in learned_model(a).modules()) for a in vae.ARCHS] == [True, False]
     assert model.decode(torch.randn(1, 8, 6, 6)).shape == (1, 1, 96, 96)    # any grid works
     # latent cell (0, 0) of a 128x128 image neither sees nor draws the far half
     model = vae.build_model("fullyconv", 128).eval()
@@ -148,15 +146,15 @@ def test_training_lowers_the_loss_below_the_best_constant_image():
 
 
 def test_bf16_runs_the_convolutions_in_bf16_and_keeps_the_loss_fp32():
-    model = flow_model("fullyconv")
+    model = vae.build_model("fullyconv", 64, **TINY)
     seen = {}
     model.decoder[0][0].register_forward_hook(lambda m, i, o: seen.update(conv=o.dtype))
-    model.prior.steps[0].net.register_forward_hook(lambda m, i, o: seen.update(flow=o.dtype))
+    model.mu.register_forward_hook(lambda m, i, o: seen.update(head=o.dtype))
     losses = []
     for bf16 in (False, True):
         torch.manual_seed(1)
         losses.append(vae.neg_elbo(model, images(16).float(), bf16=bf16))
-        assert seen == {"conv": torch.bfloat16 if bf16 else torch.float32, "flow": torch.float32}
+        assert seen == {k: torch.bfloat16 if bf16 else torch.float32 for k in ("conv", "head")}
     # bf16 keeps 8 mantissa bits (0.4%); the sums are fp32, so each term stays within 1%
     for a, b in zip(*losses):
         assert b.dtype == torch.float32 and a != b and abs(a - b) < 0.01 * abs(a), (a, b)
@@ -184,114 +182,51 @@ def test_slerp_keeps_the_norm_where_a_straight_line_shrinks_it():
 
 
 # ============================================================================ Part 2
-@pytest.mark.parametrize("arch", ["dense", "fullyconv"])
-def test_flow_inverse_is_exact_and_samples_come_from_to_z(arch):
-    model = flow_model(arch, scale=0.02)
-    z = torch.randn(16, *model.latent_shape)
-    with torch.no_grad():
-        u = model.prior.to_u(z)
-        assert (u - z).abs().max() > 0.05                 # the flow really moves points
-        torch.testing.assert_close(model.prior.to_z(u), z, rtol=0, atol=1e-5)
-        want = model.prior.to_z(torch.randn(4, *model.latent_shape, generator=torch.Generator().manual_seed(3)))
-    torch.testing.assert_close(vae.sample_latents(model, 4, torch.Generator().manual_seed(3)), want)
-    plain = vae.build_model(arch, 64, **TINY)                  # N(0, I): exactly u
-    assert torch.equal(vae.sample_latents(plain, 4, torch.Generator().manual_seed(3)),
-                       torch.randn(4, *plain.latent_shape, generator=torch.Generator().manual_seed(3)))
+class GaussianVelocity(nn.Module):
+    """The exact flow-matching velocity for codes N(m, sd^2) per number: z_t is Gaussian with
+    mean t m and variance (1 - t)^2 + t^2 sd^2, and E[z1 - z0 | z_t = z] is linear in z."""
+    def __init__(self, m, sd):
+        super().__init__()
+        self.m, self.sd = m, sd
+
+    def forward(self, z, t):
+        t = t.view(-1, *[1] * (z.dim() - 1))
+        var = (1 - t) ** 2 + t ** 2 * self.sd ** 2
+        return self.m + (t * self.sd ** 2 - (1 - t)) / var * (z - t * self.m)
 
 
-@pytest.mark.parametrize("arch, kwargs", [("dense", dict(latent_dim=4)), ("fullyconv", dict(latent_channels=2))])
-def test_flow_log_determinant_matches_autograd_jacobian(arch, kwargs):
-    model = flow_model(arch, scale=0.1, **kwargs).double()
-    model.prior.steps = model.prior.steps[:3]
-    for seed in range(3):
-        z = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        logdet = model.prior.inverse(z)[1]
-        jac = torch.autograd.functional.jacobian(lambda v: model.prior.to_u(v.view_as(z)).flatten(), z.flatten())
-        assert logdet.item() == pytest.approx(torch.linalg.slogdet(jac)[1].item(), abs=1e-8)
-    # an untrained flow is a rotation, so its density is N(0, I) (orthogonal to fp32 precision)
-    plain = flow_model(arch, **kwargs).double()
-    z = torch.randn(5, *plain.latent_shape, dtype=torch.float64)
-    want = torch.distributions.Normal(0.0, 1.0).log_prob(z).flatten(1).sum(1)
-    torch.testing.assert_close(plain.prior.log_prob(z), want, rtol=0, atol=1e-5)
-    if arch == "dense":                        # a 2-d density of the perturbed flow sums to 1
-        model = flow_model("dense", scale=0.05, latent_dim=2).double()
-        axis = torch.linspace(-10, 10, 201, dtype=torch.float64)
-        with torch.no_grad():
-            mass = model.prior.log_prob(torch.cartesian_prod(axis, axis)).exp().sum() * (axis[1] - axis[0]) ** 2
-        assert mass.item() == pytest.approx(1.0, abs=0.01)
-
-
-def test_monte_carlo_kl_of_a_flow_prior_matches_the_closed_form():
-    # an affine flow (couplings at zero, actnorm and mixes moved): u = M z + c, so p(z) is the
-    # Gaussian N(-M^-1 c, (M^T M)^-1), and neg_elbo's one-sample KL must average to the
-    # closed form KL(q || p) of torch.distributions
+def test_the_prior_ode_carries_noise_to_the_codes_and_back_and_flow_matching_learns_it():
+    # for Gaussian codes N(m, sd^2) the exact field carries u to m + sd u: the Heun solver
+    # must get there with ODE_STEPS steps, and back
+    m, sd = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])
+    prior = vae.LearnedPrior((2,), hidden=8)
+    prior.velocity = GaussianVelocity(m, sd)
+    u = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(prior.to_z(u), m + sd * u, rtol=0, atol=0.01)
+    torch.testing.assert_close(prior.to_u(m + sd * u), u, rtol=0, atol=0.01)
+    # flow matching on codes q(z|x) = N(m, sd^2) (every image the same) learns that map
     torch.manual_seed(0)
-    model = vae.add_flow_prior(vae.build_model("dense", 16, latent_dim=4, widths=(4, 4))).double()
+    prior = vae.fit_prior(vae.LearnedPrior((2,), hidden=64, depth=2), m.expand(1000, 2),
+                          (2 * sd.log()).expand(1000, 2), steps=500, batch_size=256, lr=3e-3, log=lambda s: None)
     with torch.no_grad():
-        for step in model.prior.steps:
-            for p, sd in ((step.log_scale, 0.3), (step.shift, 0.5), (step.mix, 0.3)):
-                p.add_(sd * torch.randn_like(p))
-    to_u = lambda v: model.prior.to_u(v.view(1, 4)).flatten()
-    zero = torch.zeros(4, dtype=torch.float64)
-    M, c = torch.autograd.functional.jacobian(to_u, zero), to_u(zero).detach()
-    p = torch.distributions.MultivariateNormal(-torch.linalg.solve(M, c), precision_matrix=M.T @ M)
-    mu = torch.tensor([0.5, -1.0, 0.2, 1.5], dtype=torch.float64).expand(20000, 4)
-    logvar = torch.tensor([-2.0, -1.0, -3.0, 0.5], dtype=torch.float64).expand(20000, 4)
-    model.encode = lambda x: (mu, logvar)
-    q = torch.distributions.MultivariateNormal(mu[0], torch.diag(logvar[0].exp()))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        kl = vae.neg_elbo(model, torch.zeros(20000, 1, 16, 16, dtype=torch.float64))[2].item()
-    assert kl == pytest.approx(torch.distributions.kl_divergence(q, p).item(), abs=0.1)   # sd/sqrt(n)
+        z = prior.to_z(u)
+    assert ((z - (m + sd * u)).abs().mean(0) < 0.1 * sd).all(), (z - (m + sd * u)).abs().mean(0)
+    torch.testing.assert_close(z.std(0), sd, rtol=0.1, atol=0)
+    # the fullyconv prior has no dense layer: trained on one grid, it draws on any other
+    conv = vae.LearnedPrior((3, 4, 4), hidden=8)
+    assert conv.to_z(torch.randn(2, 3, 7, 5)).shape == (2, 3, 7, 5)
 
 
-def test_the_flow_leaves_the_vae_weights_and_noise_as_they_are(tmp_path):
-    # the same seed gives the same VAE under either prior, and the same noise in training
-    models, noise = [], []           # noise: the global random state after building, for training
-    for p in ("flow", "gaussian"):
-        models.append(vae.new_model(vae.parse_args(["--arch", "dense", "--widths", "8", "16", "16", "16", "--prior", p]), CPU))
-        noise.append(torch.randn(3))
-    assert torch.equal(*noise)
-    for key, value in models[1].state_dict().items():
-        assert torch.equal(value, models[0].state_dict()[key]), key
-    vae.save_model(models[0], tmp_path / "m.pt")        # and the flow model reloads to the same draws
-    torch.testing.assert_close(vae.sample_latents(models[0].eval(), 5, torch.Generator().manual_seed(1)),
-                               vae.sample_latents(vae.load_model(tmp_path / "m.pt"), 5, torch.Generator().manual_seed(1)))
-
-
-def test_shaping_statistics_by_hand_then_shaping_moves_only_the_flow(monkeypatch):
-    img = torch.zeros(2, 1, 8, 8)
-    img[0, 0, :, 2:4] = 1                      # a stripe from top to bottom, 2 of 8 columns
-    img[1, 0, :4, 5] = 0.8                     # half a stripe, probability 0.8
-    proportion, coverage = vae.soft_statistics(img)
-    torch.testing.assert_close(proportion, torch.tensor([0.25, 4 * 0.8 / 64]))
-    torch.testing.assert_close(coverage, torch.tensor([1.0, 0.4]))
-    w1 = lambda a, b: vae.wasserstein1(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
-    # equal sets; a shift by 2; by hand over the quantile steps of 1/3, 1/6, 1/6 and 1/3
-    assert [w1(*ab).item() for ab in (([0, 0, 1], [1, 0, 0]), ([0, 1], [2, 3]), ([0], [0, 1]), ([0, 1, 2], [0, 3]))] \
-        == pytest.approx([0, 2, 0.5, 1 / 6 * 1 + 1 / 6 * 2 + 1 / 3 * 1])
-    a, b = torch.rand(50, dtype=torch.float64), torch.rand(50, dtype=torch.float64)
-    assert vae.wasserstein1(a, b).item() == pytest.approx((a.sort().values - b.sort().values).abs().mean().item())
-    # the shaping phase built on them moves the draws' proportion towards the data's, and
-    # touches only the flow
-    torch.manual_seed(0)
-    model = vae.add_flow_prior(vae.build_model("dense", 64, latent_dim=4, **TINY))
-    x = images(64)
-
-    def sample_proportion():
+def test_the_learned_prior_is_what_samples_come_from():
+    for arch in vae.ARCHS:
+        model = learned_model(arch)
+        g = lambda: torch.Generator().manual_seed(3)
         with torch.no_grad():
-            z = vae.sample_latents(model.eval(), 256, torch.Generator().manual_seed(5))
-            return vae.decode_probs(model, z, CPU).mean().item()
-    with torch.no_grad():                      # make the decoder's output depend on z
-        model.expand[0].weight.mul_(20)
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("prior")}
-    before, target = sample_proportion(), x.float().mean().item()   # the untrained decoder's, the data's
-    monkeypatch.setattr(vae, "SHAPE_LR", 1e-2)              # a few steps must suffice here
-    vae.shape_prior(model, x, CPU, steps=120, batch_size=32, log=lambda s: None)
-    assert abs(sample_proportion() - target) < 0.85 * abs(before - target)
-    for k, v in frozen.items():
-        assert torch.equal(v, model.state_dict()[k]), k      # the VAE is frozen
-    assert all(p.requires_grad for p in model.parameters())   # and trainable again after
+            want = model.prior.to_z(torch.randn(4, *model.latent_shape, generator=g()))
+            assert (want - torch.randn(4, *model.latent_shape, generator=g())).abs().max() > 1e-3
+        torch.testing.assert_close(vae.sample_latents(model, 4, g()), want)
+        plain = vae.build_model(arch, 64, **TINY)                  # N(0, I): exactly u
+        assert torch.equal(vae.sample_latents(plain, 4, g()), torch.randn(4, *plain.latent_shape, generator=g()))
 
 
 def test_esmda_recovers_the_analytic_linear_gaussian_posterior():
@@ -317,7 +252,7 @@ def test_device_work_never_meets_a_cpu_tensor():
     # here as it would on a GPU, on a machine without one
     meta = torch.device("meta")
     for arch in vae.ARCHS:
-        model = flow_model(arch).to(meta)
+        model = learned_model(arch).to(meta)
         x = torch.zeros(4, 1, 64, 64, device=meta)
         loss = vae.train_step(model, torch.optim.Adam(model.parameters()), x, 1.0, 1e-3)[0]
         assert loss.device == meta                                          # a training step
@@ -327,10 +262,10 @@ def test_device_work_never_meets_a_cpu_tensor():
         assert vae.interpolate(model, ends, 5, meta).shape == (5, 2, 1, 64, 64)
         res = vae.condition_on_wells(model, images(1)[0], meta, n_wells=4, members=6, assimilations=2)
         assert res["posterior"].device == meta                               # ES-MDA updates
-        # the shaping phase's pieces (its log line reads values, which meta tensors lack)
-        probs = torch.sigmoid(model.decode(model.prior.to_z(torch.zeros(5, *model.latent_shape, device=meta))))
-        gaps = [vae.wasserstein1(a, b) for a, b in zip(vae.soft_statistics(probs), vae.soft_statistics(x))]
-        (model.prior.log_prob(z).mean() + sum(gaps)).backward()
+        # a step of fitting the prior (the fit's log line reads values, which meta tensors lack)
+        mu, logvar = vae.encode_all(model, images(5), meta)
+        vae.flow_matching_loss(model.prior, mu, logvar, batch_size=8).backward()
+        assert vae.c2st(x, x, meta, epochs=1, batch_size=2).device == meta   # the two-sample test
         queries = torch.zeros(3, 1, 64, 64, dtype=torch.uint8, device=meta)  # the nearest-image search
         assert vae.nearest(queries, images(5), chunk=2)[0].device == meta
     # the counts read their data (unique, nonzero), so they run on real CPU tensors here, with
@@ -369,37 +304,26 @@ def test_synthetic_data_like_the_real_images_and_body_statistics_by_hand():
     assert sorted(widths.tolist()) == [1] * 2 + [2] * 3 + [3] * 10 and image.tolist().count(1) == 2
 
 
-def test_realism_scores_and_their_parts_by_hand():
-    m = torch.zeros(1, 8, 8, dtype=torch.bool)
-    m[..., ::2] = True            # stripes of period 2: gamma 1/2 at odd lags along x, 0 along y
-    assert torch.allclose(torch.stack([vae.variogram(m, "x"), vae.variogram(m, "y")]),
-                          torch.tensor([[0.5, 0, 0.5, 0], [0, 0, 0, 0]]))
-    for r, c in ((0, 0), (1, 2), (2, 1)):        # one 3x3 window, pixel (r, c) on: 2^(3r + c)
-        one = torch.zeros(1, 3, 3, dtype=torch.bool)
-        one[0, r, c] = True
-        assert vae.pattern_histogram(one)[2 ** (3 * r + c)] == 1
-    # p = (1, 0), q = (1/2, 1/2): 1/2 log2(4/3) + 1/4 log2(2/3) + 1/4 log2(2) = 0.3113 bits
-    assert vae.jensen_shannon(torch.tensor([1.0, 0]), torch.tensor([0.5, 0.5])) == pytest.approx(0.3113, abs=1e-4)
+def test_realism_scores_against_truths_by_hand_and_by_construction():
     a, b = torch.rand(3, 1, 6, 6) > 0.5, torch.rand(4, 1, 6, 6) > 0.5
     assert torch.equal(vae.hamming(a, b), torch.tensor([[(x != y).sum().item() for y in b] for x in a]).float())
     dist, index = vae.nearest(a[2:], torch.cat([b, a[2:]]), chunk=2)        # found in a later chunk
     assert dist.tolist() == [0] and index.tolist() == [4]
-    same = vae.realism_scores(images(20), images(20))       # the realism scores: the same set scores 0
-    assert all(v == pytest.approx(0, abs=1e-9) for k, v in same.items() if k.endswith(("_w1", "_gap", "_jsd", "_x", "_y")))
-    a = torch.zeros(4, 1, 64, 64, dtype=torch.uint8)
-    a[..., 10:14] = 1             # one straight bar 4 px wide; b adds one 6 px wide
-    b = a.clone()
-    b[..., 40:46] = 1
-    s = vae.realism_scores(a, b)
-    # widths {4} against {4, 6}, half and half: W1 = 1
-    assert [s[k] for k in ("proportion_w1", "proportion", "pieces_w1", "spanning_gap", "width_w1")] \
-        == pytest.approx([6 / 64, 4 / 64, 1, 1, 1])
-    assert s["variogram_y"] == pytest.approx(0) and s["variogram_x"] > 0.01 and s["patterns_jsd"] > 0.001
-    assert s["near_empty"] == 0 and vae.realism_scores(a * 0, b)["near_empty"] == 1
+    x = torch.zeros(2, 1, 64, 64, dtype=torch.uint8)
+    x[0, ..., 10:14] = 1          # two bars from top to bottom, 4 and 6 px wide; then an empty image
+    x[0, ..., 40:46] = 1
+    assert vae.counts(x) == pytest.approx({"proportion": 10 / 64 / 2, "pieces": 1, "top-to-bottom channels": 1,
+                                           "channel width (median)": 5, "near-empty": 0.5})
+    # the two-sample test: two sets of one distribution cannot be told apart; the same images
+    # with one obvious defect (every channel cut across rows 30-33) nearly always can
+    x = images(600)
+    cut = x[300:].clone()
+    cut[..., 30:34, :] = 0
+    assert abs(vae.c2st(x[:300], x[300:], CPU) - 0.5) < 0.1 and vae.c2st(x[:300], cut, CPU) > 0.9
 
 
 def test_resume_equals_uninterrupted():
-    x, saved, quiet, model = images(160), io.BytesIO(), lambda s: None, lambda: flow_model("dense", latent_dim=8).train()
+    x, saved, quiet, model = images(160), io.BytesIO(), lambda s: None, lambda: vae.build_model("dense", 64, latent_dim=8, **TINY)
     torch.manual_seed(0)
     whole = vae.train(model(), x[:128], x[128:], CPU, 2, 16, log=quiet)
 
@@ -467,19 +391,23 @@ def test_ctrl_c_keeps_the_last_checkpoint_leaves_no_half_file_exits_130_and_is_n
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    # both default commands on 200 tiny images: 1 epoch, a small trunk, 3 shaping steps
+    # both default commands on 200 tiny images: 1 epoch, a small trunk, 3 steps fitting the
+    # prior; dense on a user's own file, fullyconv on one named as the exercise's
     root = tmp_path_factory.mktemp("e2e")
-    argv = {arch: [str(a) for a in ["--arch", arch, "--data", tiny_h5(root / "d.h5", n=200), "--out",
+    files = {"dense": tiny_h5(root / "d.h5", n=200), "fullyconv": tiny_h5(root / "train_images.h5", n=200)}
+    argv = {arch: [str(a) for a in ["--arch", arch, "--data", files[arch], "--out",
                                     root / "res" / arch, "--epochs", "1", "--batch-size", "16", "--widths",
-                                    8, 16, 16, 16, "--eval-n", "10", "--shape-steps", "3", "--seed", "3"]]
+                                    8, 16, 16, 16, "--eval-n", "10", "--prior-steps", "3", "--seed", "3"]]
             for arch in vae.ARCHS}
-    for args in argv.values():
-        vae.main(args + ["--device", "cpu"])
+    with pytest.MonkeyPatch.context() as small:            # a small prior too (config.json keeps its width)
+        small.setattr(vae, "PRIOR_HIDDEN", {"dense": 16, "fullyconv": 8})
+        for args in argv.values():
+            vae.main(args + ["--device", "cpu"])
     return root, argv
 
 
 @pytest.mark.parametrize("arch", ["dense", "fullyconv"])
-def test_main_trains_evaluates_samples_and_conditions(trained, capsys, arch):
+def test_main_trains_evaluates_samples_and_conditions(trained, capsys, monkeypatch, arch):
     root, argv = trained
     out = root / "res" / arch
     names = {p.name for p in out.iterdir()}
@@ -487,13 +415,16 @@ def test_main_trains_evaluates_samples_and_conditions(trained, capsys, arch):
                      "history.json", "config.json", "model.pt", "metrics.json", "checkpoint.pt",
                      *(["large_field.png"] if arch == "fullyconv" else [])}, names
     config, metrics = vae.read_json(out / "config.json"), vae.read_json(out / "metrics.json")
-    assert config["shape_minutes"] > 0 and metrics["train_img_per_s"] == config["train_img_per_s"] > 0
+    assert config["prior_minutes"] > 0 and metrics["train_img_per_s"] == config["train_img_per_s"] > 0
     assert metrics["train_minutes"] == config["train_minutes"] > 0
     assert config["code_version"]["vae_py_sha256"] == metrics["code_version"]["vae_py_sha256"]
-    assert metrics["prior"] == "flow" and set(metrics["samples"]) == {"flow", "posterior"}
-    # a user's own file: no row of the exercise's 13 real images, nor their score
-    assert metrics["real_recon_accuracy"] is None and metrics["active_units"] <= metrics["latent_dim"]
-    assert "flow prior" in (root / "res" / "comparison.md").read_text()
+    assert metrics["prior"] == "learned" and set(metrics["scores"]) == {"learned", "gaussian", "codes", "data"}
+    # the exercise's 13 real images are reconstructed for its data file, not for a user's own
+    assert (metrics["real_recon_accuracy"] is None) == (arch == "dense") and metrics["active_units"] <= metrics["latent_dim"]
+    assert f"{arch}: learned" in (root / "res" / "comparison.md").read_text()
+    # the prior is fitted after training and leaves the VAE as the last checkpoint holds it
+    vae_weights = vae.load_file(out / "checkpoint.pt", "checkpoint")["model"]
+    assert all(torch.equal(v, vae.load_model(out / "model.pt").state_dict()[k]) for k, v in vae_weights.items())
     # --evaluate takes the seed (3) and the data file from the model's config.json: its
     # held-out images are the ones training held out, and it scores them as --seed 3 does
     (out / "samples.png").unlink()
@@ -512,12 +443,15 @@ def test_main_trains_evaluates_samples_and_conditions(trained, capsys, arch):
         assert run_main(argv[arch] + ["--sample", "5", "--grid", "8"], capsys)[0] == 0
         assert vae.load_images(out / "samples.h5", size=128).shape == (5, 1, 128, 128)
     assert_clean_error(*run_main(argv[arch] + ["--evaluate", "--size", "128"], capsys)[::2], "holds a model with size 64")
+    for name, value in (("TRUTHS", 5), ("MEMBERS", 20), ("ASSIMILATIONS", 4)):  # a smaller study
+        monkeypatch.setattr(vae, name, value)
     assert run_main(argv[arch] + ["--condition", "--wells", "8"], capsys)[0] == 0
     cond = vae.read_json(out / "conditioning.json")
-    assert cond["prior"] == "flow" and cond["truths"] == len(cond["cases"]) == 10 and cond["wells"] == 8
+    assert cond["prior"] == "learned" and cond["truths"] == len(cond["cases"]) == 5 and cond["wells"] == 8
     assert cond["posterior_proportion_over_truth"] == pytest.approx(
         cond["posterior_proportion"] / np.mean([c["truth_proportion"] for c in cond["cases"]]))
-    assert vae.load_images(out / "conditioning_members.h5", size=64).shape == (10 * vae.MEMBERS, 1, 64, 64)
+    assert cond["members"] == 20 and cond["assimilations"] == 4
+    assert vae.load_images(out / "conditioning_members.h5", size=64).shape == (5 * 20, 1, 64, 64)
     assert_clean_error(*run_main(argv[arch] + ["--condition", "--wells", "5000"], capsys)[::2], "only 4096 pixels")
 
 
@@ -544,7 +478,7 @@ def test_the_commands_run_end_to_end_on_a_gpu(tmp_path, capsys):
     for arch in vae.ARCHS:
         argv = ["--arch", arch, "--out", tmp_path / arch, "--device", "cuda"]
         code, _, err = run_main(argv + ["--data", tiny_h5(tmp_path / "d.h5", n=200), "--epochs", "2", "--batch-size",
-                                        "16", "--eval-n", "10", "--shape-steps", "3"], capsys)
+                                        "16", "--eval-n", "10", "--prior-steps", "3"], capsys)
         assert code == 0, err
         for extra in (["--evaluate"], ["--sample", "7"], ["--condition", "--wells", "4"]):
             assert run_main(argv + extra, capsys)[0] == 0
@@ -562,7 +496,7 @@ def test_vae_py_copied_alone_trains_the_plain_vae_into_its_own_folder(tmp_path):
     out = tmp_path / "results" / "dense-gaussian"
     assert not (tmp_path / "results" / "dense").exists() and vae.load_model(out / "model.pt").prior.name == "gaussian"
     metrics = vae.read_json(out / "metrics.json")
-    assert metrics["real_recon_accuracy"] is None and set(metrics["samples"]) == {"gaussian", "posterior"}
+    assert metrics["real_recon_accuracy"] is None and set(metrics["scores"]) == {"gaussian", "codes", "data"}
 
 
 def test_bad_files_devices_and_folders_end_in_one_line(tmp_path, capsys):
@@ -610,8 +544,7 @@ def test_bad_files_devices_and_folders_end_in_one_line(tmp_path, capsys):
     ("--arch fullyconv --sample 10 --grid 0", "argument --grid"), ("", "argument --arch"),
     ("--sample 10 --grid 8", "argument --grid"),                  # dense has no grid
     ("--arch fullyconv --grid 8", "argument --grid"),             # without --sample
-    ("--sample 10 --condition", "not allowed with"), ("--latent-dim 1", "a flow prior couples half"),
-    ("--arch fullyconv --latent-channels 1", "a flow prior couples half"),
+    ("--sample 10 --condition", "not allowed with"),
     ("--widths 8 8 8 8 8 8 8", "divisible by 2^7")])
 def test_bad_flags_are_argparse_errors(capsys, argv, fragment):
     argv = argv.split()
@@ -649,7 +582,7 @@ def test_help_states_the_defaults_and_the_file_reads_as_a_tutorial(capsys):
     with pytest.raises(SystemExit):
         vae.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert all(d in text for d in ("(default: 128)", "(default: 0.002)", "(default: 1000)", "(default: flow)",
+    assert all(d in text for d in ("(default: 128)", "(default: 0.002)", "(default: 4000)", "(default: learned)",
                                    "(default: 24 dense, 20 fullyconv)", "(default: 16 32 64 128)"))
     assert "(default: None)" not in text
     assert [vae.parse_args(["--arch", a]).epochs for a in vae.ARCHS] == [24, 20]

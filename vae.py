@@ -195,8 +195,9 @@ def gaussian_kl(mu, logvar):
 
 
 class StandardNormal(nn.Module):
-    """The prior p(z) = N(0, I). A draw is Gaussian noise u that to_z turns into a latent;
-    to_u gives a latent's noise back. For N(0, I) both are the identity (not so in Part 2)."""
+    """The prior p(z) = N(0, I), for drawing latents. A draw is Gaussian noise u that to_z
+    turns into a latent; to_u gives a latent's noise back. For N(0, I) both are the identity
+    (not so for the prior that Part 2 learns)."""
     name = "gaussian"
     title = "N(0, I)"
 
@@ -205,9 +206,6 @@ class StandardNormal(nn.Module):
 
     def to_u(self, z):
         return z
-
-    def kl(self, mu, logvar, z, eps):
-        return gaussian_kl(mu, logvar)             # closed form: z and eps are not needed
 
 
 def neg_elbo(model, x, beta=1.0, bf16=False):
@@ -218,11 +216,11 @@ def neg_elbo(model, x, beta=1.0, bf16=False):
     with amp:
         mu, logvar = model.encode(x)                  # (B, *latent_shape) each
     mu, logvar = mu.to(x.dtype), logvar.to(x.dtype)
-    z, eps = reparameterize(mu, logvar)               # (B, *latent_shape)
+    z = reparameterize(mu, logvar)[0]                 # (B, *latent_shape)
     with amp:
         logits = model.decode(z)                      # (B, 1, S, S)
     rec = bernoulli_nll(logits.to(x.dtype), x).mean()
-    kl = model.prior.kl(mu, logvar, z, eps).mean()
+    kl = gaussian_kl(mu, logvar).mean()
     return rec + beta * kl, rec, kl
 
 
@@ -248,7 +246,7 @@ def build_model(arch, size=64, **kwargs):
 
 
 # ----------------------------------------------------------------------------- training
-def split(images, seed, val_fraction=0.05):
+def split(images, seed, val_fraction=0.1):
     """A random train/held-out split -> (train, held-out). The real images include shifted
     near-copies of one another, so held-out scores are somewhat optimistic."""
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
@@ -454,198 +452,118 @@ def sample_figures(model, val_x, device, note, seed=0):
 # =============================================================================================
 # ----------------------------------------------------------------------------- the learned prior
 # Why N(0, I) draws break: the KL pulls each image's q(z|x) towards N(0, I), but the codes of
-# all images together (the aggregate posterior) fill only part of that ball, a thin curved
-# region. Random z ~ N(0, I) also land in the holes around it, which the decoder never saw,
-# and decode to broken channels: the "prior hole". A normalizing flow learns a prior that
-# matches the codes and keeps a Gaussian beneath it:
-#   u ~ N(0, I),   z = f(u),   f invertible,
-#   log p(z) = log N(f^-1(z); 0, I) + log |det d f^-1(z) / dz|      (change of variables)
-# f^-1 is a chain of steps, each exactly invertible with a log-determinant that is a plain
-# sum, so log p(z) is exact (RealNVP, Dinh et al. 2017; Glow, Kingma & Dhariwal 2018).
-# One step of f^-1 on a latent (B, C, *grid), grid = () for dense and (h, w) for fullyconv:
-#   1. a learned scale and shift per channel (Glow's actnorm, here started at the identity);
-#   2. a learned invertible C x C matrix on every grid cell (Glow's 1x1 convolution), so that
-#      each step splits the channels differently;
-#   3. an affine coupling: the first half of the channels, a, passes through; the second half
-#      becomes b * exp(s(a)) + t(a). s and t see only a, so b = (b' - t(a)) * exp(-s(a)) is
-#      exact, and the log-determinant is sum s(a).
-# s and t come from an MLP for the dense latent, and from 3x3, 1x1, 3x3 convolutions for the
-# spatial one, so the fullyconv flow has no nn.Linear and runs on any grid. The last layer
-# starts at zero and the mix orthogonal: an untrained flow maps N(0, I) to N(0, I).
-# The flow trains with the VAE from the first step. Its KL has no closed form, so it is
-# estimated from the same sample z that the decoder sees (z = mu + sigma * eps is itself a
-# change of variables from eps, which gives log q):
-#   KL ~ log q(z|x) - log p(z),   log q(z|x) = log N(eps; 0, I) - 1/2 sum log sigma^2
-FLOW_STEPS = 8
-FLOW_HIDDEN = {"dense": 256, "fullyconv": 64}    # width of each coupling net
+# all training images together, the aggregate posterior q(z) = mean over x of q(z|x), fill
+# only part of that ball, unevenly. Random z ~ N(0, I) also land where no image has its code,
+# and the decoder, which never saw such z, blends layouts there into frayed, faded or broken
+# channels: the "prior hole". The decoder is fine; the prior is wrong. So once the VAE has
+# trained, a second model learns q(z) itself, with Gaussian noise u beneath it, and the VAE
+# stays as it is:
+#   u ~ N(0, I)  --  solve dz/dt = v(z, t) from t = 0 to t = 1  -->  z ~ q(z)
+# Flow matching (Lipman et al. 2023; Liu et al. 2023) learns the velocity v by regression.
+# Take the code z1 ~ q(z|x) of a training image, noise z0 ~ N(0, I) and a time t in (0, 1):
+# along the straight line z_t = (1 - t) z0 + t z1 a point moves with velocity z1 - z0, so
+#   loss = || v(z_t, t) - (z1 - z0) ||^2        summed over the latent, averaged over a batch
+# The best v is, at each (z_t, t), the mean velocity of the lines through it, and that field
+# carries all of N(0, I) onto all of q(z) (Lipman et al., theorem 1). t is drawn logit-normal
+# (the sigmoid of a N(0, 1) number), which trains the middle of the path most, where a draw's
+# layout is decided (Esser et al. 2024); here it drew fewer broken channels than uniform t.
+# No term looks at the images: the prior learns from the codes alone, whatever the channels
+# look like. The ODE is solved with Heun's method in ODE_STEPS steps; run backwards it maps a
+# code to its u, so interpolation and ES-MDA still work on Gaussian u. v is an MLP for the
+# dense latent and 3x3 convolutions for the fullyconv one (no dense layer, any grid), with t
+# fed to every layer as sin/cos features (channels on a grid).
+PRIOR_HIDDEN = {"dense": 512, "fullyconv": 128}     # width of v's layers
+PRIOR_DEPTH = 4                                      # residual layers
+PRIOR_STEPS = 4000                                   # Adam steps of the fit
+PRIOR_BATCH = 512
+ODE_STEPS = 10                                       # Heun steps, two evaluations of v each
 
 
-def standard_normal_logpdf(z):
-    """log N(z; 0, I) summed over the latent: (B, ...) -> (B,)"""
-    return (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+class Velocity(nn.Module):
+    """v(z, t): (B, C, *grid) and (B,) -> (B, C, *grid), grid = () for dense."""
 
-
-class FlowStep(nn.Module):
-    """One invertible step: (B, C, *grid) <-> (B, C, *grid)."""
-
-    def __init__(self, channels, hidden, spatial):
+    def __init__(self, channels, hidden, depth, spatial, freqs=8):
         super().__init__()
-        self.half = channels // 2
-        c_in, c_out = self.half, 2 * (channels - self.half)         # s and t for the b half
-        self.log_scale = nn.Parameter(torch.zeros(channels))
-        self.shift = nn.Parameter(torch.zeros(channels))
-        self.mix = nn.Parameter(torch.linalg.qr(torch.randn(channels, channels))[0])
-        if spatial:
-            self.net = nn.Sequential(nn.Conv2d(c_in, hidden, 3, 1, 1), nn.ReLU(),
-                                     nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
-                                     nn.Conv2d(hidden, c_out, 3, 1, 1))
-        else:
-            self.net = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, c_out))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        layer = (lambda a, b: nn.Conv2d(a, b, 3, 1, 1)) if spatial else nn.Linear
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(freqs))     # (T/2,)
+        self.first = layer(channels + 2 * freqs, hidden)
+        self.blocks = nn.ModuleList(layer(hidden + 2 * freqs, hidden) for _ in range(depth))
+        self.last = layer(hidden, channels)
 
-    def per_channel(self, v, like):
-        return v.view(1, -1, *[1] * (like.dim() - 2))     # (C,) -> (1, C) or (1, C, 1, 1)
-
-    def coupling(self, a):
-        s, t = self.net(a).chunk(2, dim=1)
-        return 2 * torch.tanh(s / 2), t      # |s| < 2: no coupling stretches by more than e^2
-
-    def inverse(self, z):
-        """z -> (u, log|det du/dz|): (B, C, *grid) -> (B, C, *grid), (B,)"""
-        cells = z[0, 0].numel()             # 1, or h * w: steps 1 and 2 act on every cell
-        h = (z + self.per_channel(self.shift, z)) * self.per_channel(self.log_scale.exp(), z)
-        h = torch.einsum("ij,bj...->bi...", self.mix, h)
-        a, b = h[:, :self.half], h[:, self.half:]
-        s, t = self.coupling(a)
-        logdet = cells * (self.log_scale.sum() + torch.linalg.slogdet(self.mix)[1])
-        return torch.cat([a, b * s.exp() + t], 1), logdet + s.flatten(1).sum(1)
-
-    def forward(self, u):
-        """u -> z, the exact inverse of `inverse`."""
-        a, b = u[:, :self.half], u[:, self.half:]
-        s, t = self.coupling(a)
-        h = torch.cat([a, (b - t) * (-s).exp()], 1)
-        h = torch.einsum("ij,bj...->bi...", torch.linalg.inv(self.mix), h)
-        return h * self.per_channel((-self.log_scale).exp(), h) - self.per_channel(self.shift, h)
+    def forward(self, z, t):
+        f = t.view(-1, 1) * self.freqs                                       # (B, T/2)
+        f = torch.cat([f.sin(), f.cos()], 1).view(len(z), -1, *[1] * (z.dim() - 2))
+        f = f.expand(-1, -1, *z.shape[2:])                                   # (B, T, *grid)
+        h = self.first(torch.cat([z, f], 1))                                 # (B, hidden, *grid)
+        for block in self.blocks:
+            h = h + block(torch.cat([F.silu(h), f], 1))
+        return self.last(F.silu(h))                                          # (B, C, *grid)
 
 
-class FlowPrior(nn.Module):
-    """p(z) by a flow, with the methods of Part 1's StandardNormal: to_z(u) = f(u) for
-    sampling, to_u(z) = f^-1(z), and the KL of q(z|x) to it; log_prob(z) (B,) besides."""
-    name = "flow"
-    title = "the learned flow prior z = f(u), u ~ N(0, I)"
+class LearnedPrior(nn.Module):
+    """p(z) by flow matching, with the methods of Part 1's StandardNormal: to_z(u) solves the
+    ODE forwards (sampling), to_u(z) backwards."""
+    name = "learned"
+    title = "the learned prior z = ODE(u), u ~ N(0, I)"
 
-    def __init__(self, latent_shape, hidden, steps=FLOW_STEPS):
+    def __init__(self, latent_shape, hidden, depth=PRIOR_DEPTH, steps=ODE_STEPS):
         super().__init__()
-        if latent_shape[0] < 2:
-            raise ValueError("a flow prior couples half of the latent channels to the other "
-                             "half, so it needs at least 2 (got 1); or use --prior gaussian")
-        self.steps = nn.ModuleList(FlowStep(latent_shape[0], hidden, len(latent_shape) > 1)
-                                   for _ in range(steps))
+        self.velocity = Velocity(latent_shape[0], hidden, depth, len(latent_shape) > 1)
+        self.hidden, self.steps = hidden, steps
 
-    def inverse(self, z):
-        """u = f^-1(z) and log|det du/dz|: (B, C, *grid) -> (B, C, *grid), (B,)"""
-        logdet = torch.zeros(len(z), device=z.device)
-        for step in self.steps:
-            z, step_logdet = step.inverse(z)
-            logdet = logdet + step_logdet
-        return z, logdet
-
-    def to_u(self, z):
-        return self.inverse(z)[0]
+    def solve(self, z, t0, t1):
+        """Heun's method from t0 to t1: z (B, C, *grid) -> the same shape."""
+        dt = (t1 - t0) / self.steps
+        for i in range(self.steps):
+            t = torch.full((len(z),), t0 + i * dt, device=z.device)
+            a = self.velocity(z, t)
+            z = z + dt / 2 * (a + self.velocity(z + dt * a, t + dt))
+        return z
 
     def to_z(self, u):
-        for step in reversed(self.steps):
-            u = step(u)
-        return u
+        return self.solve(u, 0.0, 1.0)
 
-    def log_prob(self, z):
-        u, logdet = self.inverse(z)
-        return standard_normal_logpdf(u) + logdet
-
-    def kl(self, mu, logvar, z, eps):
-        """One-sample estimate of KL(q(z|x) || p(z)) at z = mu + sigma * eps: (B,); its mean
-        over eps is the KL."""
-        log_q = standard_normal_logpdf(eps) - 0.5 * logvar.flatten(1).sum(1)
-        return log_q - self.log_prob(z)
+    def to_u(self, z):
+        return self.solve(z, 1.0, 0.0)
 
 
-def add_flow_prior(model, seed=0):
-    """model.prior <- a FlowPrior. Its random init uses its own seed and leaves the global
-    random state as it was, so the VAE's noise in training is the same under either prior."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.prior = FlowPrior(model.latent_shape, FLOW_HIDDEN[model.arch])
-    return model
+@torch.no_grad()
+def encode_all(model, images, device, batch_size=500):
+    """Posterior means and log-variances of uint8 images -> two (N, *latent_shape) tensors."""
+    out = [model.encode(to_float(images[i:i + batch_size], device))
+           for i in range(0, len(images), batch_size)]
+    return torch.cat([m for m, _ in out]), torch.cat([v for _, v in out])
 
 
-# ------------------------------------------------- shaping the prior through the decoder
-# The flow learns where the codes are, but the codes of training images are small separate
-# blobs, and the space between them decodes to blends of two layouts with less channel and
-# more breaks. So a short last phase fits what the draws look like. The VAE is frozen; only
-# the flow trains, on
-#   loss = -log p(z), z ~ q(z|x)                              (keep fitting the codes)
-#        + S^2 * [W1(proportion) + W1(row coverage)]          (draws against a data batch)
-# W1 is the 1-Wasserstein distance between the values of a statistic over a batch of
-# decoded draws and over a data batch. S^2 = pixels per image, so the proportion term is
-# the W1 of channel pixels per image, a per-image quantity like the nats of the first term.
-# The statistics of the draws are soft, so that gradients flow through the frozen decoder:
-#   proportion   = an image's mean channel probability (the "net-to-gross" of geologists);
-#   row coverage = the mean over rows of each row's largest probability: 1 for a channel
-#                  that crosses the image top to bottom, less for a broken one.
-# The objective is no longer the ELBO: the flow gives up a little fit to the codes for
-# draws with the data's statistics. Evaluation reports the plain -ELBO.
-SHAPE_LR = 3e-4                 # Adam, constant: the flow starts from a trained state
+def flow_matching_loss(prior, mu, logvar, batch_size=PRIOR_BATCH, bf16=False):
+    """The loss above on a batch of codes z1 ~ q(z|x) = N(mu, exp(logvar)), drawn from the
+    codes of all training images, mu and logvar (N, *latent) -> a scalar."""
+    i = torch.randint(len(mu), (batch_size,), device=mu.device)
+    z1 = reparameterize(mu[i], logvar[i])[0]                        # (B, *latent)
+    z0 = torch.randn_like(z1)                                       # noise
+    t = torch.sigmoid(torch.randn(batch_size, device=mu.device))   # (B,), logit-normal
+    t_ = t.view(-1, *[1] * (z1.dim() - 1))
+    with torch.autocast(mu.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        v = prior.velocity((1 - t_) * z0 + t_ * z1, t)
+    return (v.float() - (z1 - z0)).pow(2).flatten(1).sum(1).mean()
 
 
-def soft_statistics(p):
-    """Probabilities or 0/1 images (B, 1, S, S) -> (proportion, row coverage), each (B,)"""
-    return p.mean((1, 2, 3)), p.amax(dim=-1).mean((1, 2))
-
-
-def wasserstein1(a, b):
-    """W1 between two 1-D samples (sizes may differ), differentiable in both: the area
-    between their quantile functions. For equal sizes, the mean |gap| of the sorted values."""
-    if len(a) == 0 or len(b) == 0:
-        return torch.tensor(float("nan"))
-    a, b = a.sort().values, b.sort().values
-    qa = torch.arange(1, len(a) + 1, dtype=torch.float64, device=a.device) / len(a)  # a[i] holds
-    qb = torch.arange(1, len(b) + 1, dtype=torch.float64, device=a.device) / len(b)  # up to qa[i]
-    q = torch.cat([qa, qb]).sort().values          # (Q,); a repeated level adds a zero step
-    ia = torch.searchsorted(qa, q).clamp(max=len(a) - 1)
-    ib = torch.searchsorted(qb, q).clamp(max=len(b) - 1)
-    width = torch.diff(q, prepend=q.new_zeros(1)).to(a.dtype)         # (Q,) quantile steps
-    return ((a[ia] - b[ib]).abs() * width).sum()
-
-
-def shape_prior(model, train_x, device, steps, batch_size=BATCH_SIZE, seed=0, log=print):
-    """The last phase above: `steps` Adam steps on the flow alone, the VAE frozen (and in
-    eval mode, so BatchNorm keeps its statistics). train_x: uint8 (N, 1, S, S)."""
-    g = torch.Generator().manual_seed(seed)
-    flow, pixels = model.prior, train_x[0].numel()
-    model.eval().requires_grad_(False)
-    flow.requires_grad_(True)
-    opt = torch.optim.Adam(flow.parameters(), lr=SHAPE_LR)
+def fit_prior(prior, mu, logvar, steps=PRIOR_STEPS, batch_size=PRIOR_BATCH, lr=1e-3, bf16=False,
+              log=print):
+    """Adam on flow_matching_loss -> the prior, fitted."""
+    opt = torch.optim.Adam(prior.parameters(), lr=lr)
+    t_log = time.perf_counter()
     for step in range(steps):
-        x = to_float(train_x[torch.randint(len(train_x), (batch_size,), generator=g)], device)
-        with torch.no_grad():
-            mu, logvar = model.encode(x)                            # (B, *latent) each
-        z = reparameterize(mu, logvar, g)[0]
-        u = torch.randn(batch_size, *model.latent_shape, generator=g).to(device)
-        probs = torch.sigmoid(model.decode(flow.to_z(u)))          # (B, 1, S, S), with grad
-        gaps = [wasserstein1(a, b) for a, b in zip(soft_statistics(probs), soft_statistics(x))]
-        fit = -flow.log_prob(z).mean()
-        loss = fit + pixels * sum(gaps)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)                   # Part 1's ramp and decay
+        loss = flow_matching_loss(prior, mu, logvar, batch_size, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            log(f"shaping the prior: step {step + 1}/{steps}  -log p(z) {fit.item():6.1f}  "
-                f"W1 proportion {gaps[0].item():.4f}  W1 row coverage {gaps[1].item():.4f}")
-    model.requires_grad_(True)
+        if time.perf_counter() - t_log > 30 or step + 1 == steps:   # reads the loss: a sync
+            t_log = time.perf_counter()
+            log(f"fitting the prior: step {step + 1}/{steps}  loss {loss.item():.2f}")
+    return prior
 
 
 # ------------------------------------------------------------------ conditioning on wells
@@ -719,9 +637,10 @@ def ensemble_report(probs, wells, obs):
     its members look like (thresholded at 0.5)."""
     m = (probs >= 0.5).to(torch.uint8)
     pieces, spanning = pieces_and_spanning(m[:, 0].bool())            # Part 3
+    spread = torch.pdist(m.flatten(1).float(), p=0).mean().item()    # mean Hamming distance
     return {"wells_honoured": (m[:, 0, wells[:, 0], wells[:, 1]] == obs).float().mean().item(),
             "proportion": m.float().mean().item(), "pieces": pieces.float().mean().item(),
-            "spanning": spanning.float().mean().item(), "spread": mean_pairwise_hamming(m)}
+            "spanning": spanning.float().mean().item(), "spread": spread}
 
 
 def conditioning_study(model, val_x, device, n_wells=16, seed=0, log=print):
@@ -731,8 +650,9 @@ def conditioning_study(model, val_x, device, n_wells=16, seed=0, log=print):
     pick = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))[:TRUTHS]
     cases, members = [], []
     for i, idx in enumerate(pick.tolist()):
-        res = {k: v.cpu() for k, v in
-               condition_on_wells(model, val_x[idx], device, n_wells, seed=seed + i).items()}
+        res = condition_on_wells(model, val_x[idx], device, n_wells, MEMBERS, OBS_SD,
+                                 ASSIMILATIONS, seed + i)
+        res = {k: v.cpu() for k, v in res.items()}
         prior, post = (ensemble_report(res[k], res["wells"], res["obs"])
                        for k in ("prior", "posterior"))
         cases.append({"held_out_index": idx, "prior": prior, "posterior": post,
@@ -918,11 +838,16 @@ def get_data(path, size, log=print):
 
 
 # ----------------------------------------------------------------------------- realism scores
-# Reservoir engineers judge a facies model by its statistics, so samples are scored the way
-# geostatisticians score simulations: proportion, indicator variograms, multiple-point
-# patterns, and the geometry of the channel bodies. Each score compares N prior samples
-# with N held-out images; the noise floor is the same score between two disjoint sets of N
-# held-out images: what "as good as real data" looks like.
+# Two questions are asked of a set of generated images. Can they be told from data? A
+# classifier two-sample test (C2ST; Lopez-Paz & Oquab 2017) trains a small CNN to tell N of
+# them from N held-out images on 3/4 of the two sets and scores it on the other 1/4: 0.5
+# means it cannot tell them apart, 1.0 that it always can. It judges whole images, with no
+# feature chosen for channels; the mean over C2ST_SEEDS seeds (split and weights) is
+# reported. And do they have the data's numbers? The counts a geologist reads: channel
+# proportion (net-to-gross), separate channel bodies, bodies that cross the image top to
+# bottom as flow paths do, channel width, and the share of nearly empty images.
+C2ST_SEEDS = 3
+
 
 def horizontal_runs(m):
     """m: (B, H, W) bool -> (B, H, W) id of the horizontal run of 1s each pixel is in
@@ -991,52 +916,43 @@ def image_statistics(x):
                                                 for v in per_image])}
 
 
-def variogram(m, axis):
-    """Indicator variogram gamma(h) = 1/2 E[(x(u) - x(u+h))^2] for h = 1..S/2 along
-    axis 'x' (columns) or 'y' (rows), pooled over images. m: (B, H, W) -> (S/2,)"""
-    m = m.float() if axis == "x" else m.float().transpose(1, 2)
-    return torch.stack([0.5 * (m[..., h:] - m[..., :-h]).pow(2).mean()
-                        for h in range(1, m.shape[-1] // 2 + 1)])
+def counts(x):
+    """The means over binary images x (N, 1, H, W) of image_statistics, and the share of
+    nearly empty images (under 5% channel) -> dict of floats."""
+    stats = image_statistics(x)
+    means = {k: v[~np.isnan(v)].mean() if (~np.isnan(v)).any() else np.nan   # width: NaN if
+             for k, v in stats.items()}                                       # no channel
+    return {**{k: float(v) for k, v in means.items()},
+            "near-empty": float((stats["proportion"] < 0.05).mean())}
 
 
-def pattern_histogram(m):
-    """Pooled histogram of the 512 possible 3x3 binary patterns. m: (B, H, W) -> (512,).
-    A pattern's code is sum_k 2^k x_k, k = 3 * row + column inside the 3x3 window."""
-    patches = F.unfold(m.float().unsqueeze(1), 3)                 # (B, 9, L)
-    codes = (patches * (2 ** torch.arange(9.0, device=m.device)).view(1, 9, 1)).sum(1).long()
-    hist = torch.bincount(codes.flatten(), minlength=512).double()
-    return hist / hist.sum()
-
-
-def jensen_shannon(p, q):
-    """Jensen-Shannon divergence in bits between two histograms (0 = identical, 1 = disjoint)."""
-    mid = 0.5 * (p + q)
-
-    def kl(a, b):
-        nz = a > 0
-        return float((a[nz] * torch.log2(a[nz] / b[nz])).sum())
-    return 0.5 * kl(p, mid) + 0.5 * kl(q, mid)
-
-
-def realism_scores(a, b):
-    """Binary images a and b (N, 1, S, S) -> the gaps between their statistics (0 = the same)
-    and a's own proportion, share of nearly empty images (under 5% channel), pieces and
-    top-to-bottom channels per image."""
-    ma, mb = a[:, 0].bool(), b[:, 0].bool()
-    (pieces_a, span_a), (pieces_b, span_b) = pieces_and_spanning(ma), pieces_and_spanning(mb)
-    p = mb.float().mean()
-    scores = {"proportion_w1": wasserstein1(ma.float().mean((1, 2)), mb.float().mean((1, 2))),
-              "pieces_w1": wasserstein1(pieces_a.float(), pieces_b.float()),
-              "spanning_gap": (span_a.float().mean() - span_b.float().mean()).abs(),
-              "width_w1": wasserstein1(run_widths(ma)[0].float(), run_widths(mb)[0].float()),
-              "patterns_jsd": jensen_shannon(pattern_histogram(ma), pattern_histogram(mb))}
-    for axis in ("x", "y"):     # relative to the variogram's sill, p(1 - p)
-        diff = variogram(ma, axis) - variogram(mb, axis)
-        scores[f"variogram_{axis}"] = diff.pow(2).mean().sqrt() / (p * (1 - p))
-    scores.update(proportion=ma.float().mean(), pieces_mean=pieces_a.float().mean(),
-                  near_empty=(ma.float().mean((1, 2)) < 0.05).float().mean(),
-                  spanning_mean=span_a.float().mean())
-    return {k: float(v) for k, v in scores.items()}
+def c2st(a, b, device, seed=0, epochs=10, batch_size=128, lr=2e-3):
+    """Binary images a and b (N, 1, S, S) -> the accuracy, on the 1/4 of them held back, of a
+    CNN trained to tell them apart (Part 1's encoder trunk, then one linear output), 0-d."""
+    n, size = min(len(a), len(b)), a.shape[-1]
+    x, y = torch.cat([a[:n], b[:n]]).to(device), torch.arange(2 * n, device=device) >= n
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(2 * n, generator=g).to(device)
+    held, fit = order[:n // 2], order[n // 2:]
+    with torch.random.fork_rng(devices=[]):          # its own seed, the global one untouched
+        torch.manual_seed(seed)
+        widths = (8, 16, 32, 64)
+        net = nn.Sequential(encoder_trunk(widths), nn.Flatten(),
+                            nn.Linear(widths[-1] * (size // 16) ** 2, 1)).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    per_epoch = len(fit) // batch_size
+    for step in range(epochs * per_epoch):
+        if step % per_epoch == 0:
+            perm = fit[torch.randperm(len(fit), generator=g).to(device)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, epochs * per_epoch, lr)
+        i = perm[step % per_epoch * batch_size:][:batch_size]
+        loss = F.binary_cross_entropy_with_logits(net(to_float(x[i], device))[:, 0], y[i].float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (net.eval()(to_float(x[held], device))[:, 0] > 0).eq(y[held]).float().mean()
 
 
 def hamming(a, b):
@@ -1058,20 +974,7 @@ def nearest(queries, pool, chunk=4096):
     return best, index
 
 
-def mean_pairwise_hamming(x):
-    """Mean Hamming distance over all pairs of distinct images in x (N, ...)."""
-    return torch.pdist(x.flatten(1).float(), p=0).mean().item()
-
-
 # ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def encode_all(model, images, device, batch_size=500):
-    """Posterior means and log-variances of uint8 images -> two (N, *latent_shape) tensors."""
-    out = [model.encode(to_float(images[i:i + batch_size], device))
-           for i in range(0, len(images), batch_size)]
-    return torch.cat([m for m, _ in out]), torch.cat([v for _, v in out])
-
 
 def reconstruct(model, images, device):
     """uint8 images (N, 1, S, S) -> decoder probabilities at their posterior means."""
@@ -1085,45 +988,37 @@ def recon_accuracy(model, images, device):
 
 
 @torch.no_grad()
-def sample_scores(model, z, held, train_x, held_near, device):
-    """Scores of the images decoded from latents z (N, *latent) against held-out images.
-    held_near: each held-out image's Hamming distance to its nearest training image."""
-    probs = decode_probs(model, z, device)
-    samples = (probs >= 0.5).to(torch.uint8)
-    near = nearest(samples, train_x)[0]
-    return {**realism_scores(samples, held),
-            # blur: 0 = every pixel decided, 0.5 = coin flips
-            "blur": torch.minimum(probs, 1 - probs).mean().item(),
-            # mean distance between samples, over that between held-out images
-            "diversity": mean_pairwise_hamming(samples) / mean_pairwise_hamming(held),
-            # below 1: samples sit nearer the training images than held-out images do
-            "memorisation": (near.median() / held_near.median()).item()}
-
-
-@torch.no_grad()
-def evaluate(model, train_x, val_x, device, n=1000, seed=0, real=None):
-    """The metrics of a trained model -> dict (metrics.json). val_x should hold 2n images:
-    n are compared with n prior samples, the other n give the noise floor."""
+def evaluate(model, train_x, val_x, device, n=2000, seed=0, real=None):
+    """The metrics of a trained model -> dict (metrics.json). val_x should hold 2n images: the
+    first n are the data every set of n images is compared with."""
     model.eval()
-    n = min(n, len(val_x) // 2)
     torch.manual_seed(seed)
+    n = min(n, len(val_x) // 2)
     held, other = val_x[:n].to(device), val_x[n:2 * n].to(device)   # the scores run there
     neg, rec, kl = validate(model, held, device, 1.0)               # nats per image
-    mu = encode_all(model, held, device)[0]
+    mu, logvar = encode_all(model, other, device)
     out = {"n": n, "prior": model.prior.name, "neg_elbo": neg, "elbo_rec": rec, "elbo_kl": kl,
            "recon_accuracy": recon_accuracy(model, held, device),
            "real_recon_accuracy": None if real is None else recon_accuracy(model, real, device),
            # a latent number is active if its posterior mean moves with the image (Burda et
            # al. 2015); one that the decoder ignores stays at the prior whatever the image
            "active_units": int((mu.flatten(1).var(0) > 0.01).sum()), "latent_dim": mu[0].numel()}
-    # "posterior" decodes z ~ q(z|x) of the other n held-out images: what a prior that
-    # matched the codes exactly would give, the best case for this decoder
-    held_near = nearest(held, train_x)[0]
-    latents = {model.prior.name: sample_latents(model, n, torch.Generator().manual_seed(seed)),
-               "posterior": reparameterize(*encode_all(model, other, device))[0]}
-    out["samples"] = {name: sample_scores(model, z, held, train_x, held_near, device)
-                      for name, z in latents.items()}
-    out["floor"] = realism_scores(other, held)
+    # the sets compared with the data: draws of the model's prior and, on the same decoder,
+    # of N(0, I); "codes", z ~ q(z|x) of the other held-out images decoded, what a prior that
+    # matched the codes exactly would give (the decoder's best case); "data", those images
+    g = torch.Generator().manual_seed(seed)
+    priors = {p.name: p for p in (model.prior, StandardNormal())}     # one, for N(0, I) models
+    latents = {name: p.to_z(torch.randn(n, *model.latent_shape, generator=g).to(device))
+               for name, p in priors.items()}
+    sets = {name: (decode_probs(model, z, device) >= 0.5).to(torch.uint8) for name, z in
+            {**latents, "codes": reparameterize(mu, logvar, g)[0]}.items()}
+    held_near = nearest(held, train_x)[0].median()
+    out["scores"] = {}
+    for name, x in {**sets, "data": other}.items():
+        tests = [c2st(x, held, device, s).item() for s in range(C2ST_SEEDS)]
+        out["scores"][name] = {"c2st": float(np.mean(tests)), "c2st_seeds": tests, **counts(x),
+                               # below 1: nearer the training images than held-out images are
+                               "memorisation": (nearest(x, train_x)[0].median() / held_near).item()}
     return out
 
 
@@ -1183,59 +1078,49 @@ def markdown_table(header, rows):
     return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines) + "\n"
 
 
-RUNS = [(f"{a}{suffix}", a, label) for a in ARCHS               # (folder, arch, column header)
-        for suffix, label in (("", "flow prior"), ("-gaussian", "N(0, I)"))]
+RUNS = [f"{a}{suffix}" for a in ARCHS for suffix in ("", "-gaussian")]     # results/ folders
+SCORES = ("c2st", "proportion", "pieces", "top-to-bottom channels", "channel width (median)",
+          "near-empty", "memorisation")
+MODEL_FACTS = ("neg_elbo", "recon_accuracy", "real_recon_accuracy", "active_units",
+               "train_minutes", "train_img_per_s", "train_device")
 
 
 def write_comparison(results_dir, held, device):
-    """results/comparison.md: the runs in results_dir beside the noise floor and the data;
-    results/samples_side_by_side.png: real images, data and each run's prior samples."""
-    runs = {f: read_json(results_dir / f / "metrics.json") for f, _, _ in RUNS
+    """results/comparison.md: the scores of the runs in results_dir, and of their data;
+    results/samples_side_by_side.png: real images, data and each run's prior draws."""
+    runs = {f: read_json(results_dir / f / "metrics.json") for f in RUNS
             if (results_dir / f / "metrics.json").is_file()}
     if not runs:
         return
-    cols = []                                   # (metrics, whose samples, header)
-    for folder, arch, label in RUNS:
-        if folder in runs:
-            cols.append((runs[folder], runs[folder]["prior"], f"{arch}: {label}"))
-            if folder == arch:
-                cols.append((runs[folder], "posterior", f"{arch}: posterior (best case)"))
+    rows = [[f"{folder}: {name}", *[f"{m['scores'][name][k]:.3f}" for k in SCORES]]
+            for folder, m in runs.items() for name in m["scores"] if name != "data"]
     first = next(iter(runs.values()))
-    floor = first["floor"]
-    rows = [[key, *[f"{m['samples'][p][key]:.4f} ({m['samples'][p][key] / max(value, 1e-12):.0f}x)"
-                    for m, p, _ in cols], f"{value:.4f}"]
-            for key, value in floor.items() if key.endswith(("_w1", "_gap", "_jsd", "_x", "_y"))]
-    rows += [[key, *[f"{m['samples'][p][key]:.3f}" for m, p, _ in cols],
-              f"{floor[key]:.3f}" if key in floor else ""]
-             for key in ("proportion", "near_empty", "pieces_mean", "spanning_mean", "blur",
-                         "diversity", "memorisation")]
-    # properties of a model rather than of its samples, not repeated in the best-case columns
-    for key in ("neg_elbo", "elbo_rec", "elbo_kl", "recon_accuracy", "real_recon_accuracy",
-                "active_units", "train_minutes", "train_img_per_s", "train_device"):
-        cells = [m.get(key) if p != "posterior" else None for m, p, _ in cols]
-        rows.append([key, *["" if v is None else v if isinstance(v, str) else f"{v:.4g}"
-                            for v in cells], ""])
-    rows.append(["code version", *["" if p == "posterior" else m["code_version"]["git_commit"]
-                                   for m, p, _ in cols], ""])
+    rows.append([f"data: other held-out images", *[f"{first['scores']['data'][k]:.3f}"
+                                                    for k in SCORES]])
+    facts = [[folder, *["" if m.get(k) is None else m[k] if isinstance(m[k], str) else
+                        f"{m[k]:.4g}" for k in MODEL_FACTS], m["code_version"]["git_commit"]]
+             for folder, m in runs.items()]
     write_text(results_dir / "comparison.md",
-               f"{first['n']} prior samples of each model against {first['n']} held-out images of "
-               f"{first['data']}; the noise floor scores another {first['n']} held-out images the "
-               f"same way: the value, and in brackets its multiple of the floor. \"posterior (best "
-               f"case)\" decodes z ~ q(z|x) of those other held-out images, what a prior that "
-               f"matched the codes exactly would give.\n\n"
-               + markdown_table(["metric", *[c[2] for c in cols], "noise floor / data"], rows))
+               f"Each set of {first['n']} images (decoded at 0.5) against {first['n']} held-out "
+               f"images of {first['data']}: c2st is the accuracy of a classifier that tells them "
+               f"apart (0.5: it cannot), the mean of {C2ST_SEEDS} seeds; the counts are means "
+               f"per image. \"learned\" and \"gaussian\" are prior draws through the same "
+               f"decoder; \"codes\" decodes z ~ q(z|x) of other held-out images, the decoder's "
+               f"best case.\n\n" + markdown_table(["images", *SCORES], rows) + "\n"
+               + markdown_table(["model", *MODEL_FACTS, "code version"], facts))
 
     real = real_reference(held.shape[-1])
     rows = [held[:10].float()] if real is None else [real[:10].float(), held[:10].float()]
     labels = ([] if real is None else ["real"]) + [first["data"].replace("the ", "")]
-    for folder, arch, label in RUNS:
-        if folder in runs and (results_dir / folder / "model.pt").is_file():
+    for folder in runs:
+        if (results_dir / folder / "model.pt").is_file():
             model = load_model(results_dir / folder / "model.pt", device)
-            rows.append(decode_probs(model, sample_latents(model, 10, torch.Generator()
-                                                           .manual_seed(1)), device))
-            labels.append(f"{arch}, {label}")
+            for prior in {p.name: p for p in (model.prior, StandardNormal())}.values():
+                u = torch.randn(10, *model.latent_shape, generator=torch.Generator().manual_seed(1))
+                rows.append(decode_probs(model, prior.to_z(u.to(device)), device))
+                labels.append(f"{folder}, {prior.title.split(' z = ')[0]}")
     fig = show_grid(rows, "real images (re-digitized), training data, and decoder probabilities "
-                    "of prior samples of each VAE", labels)
+                    "of prior draws of each VAE", labels)
     save_figure(fig, results_dir / "samples_side_by_side.png")
 
 
@@ -1340,15 +1225,19 @@ def model_config(model):
     cfg = {"arch": model.arch, "size": model.size, "widths": list(model.widths),
            "prior": model.prior.name}
     cfg["latent_dim" if model.arch == "dense" else "latent_channels"] = model.latent_shape[0]
+    if model.prior.name == "learned":
+        cfg["prior_hidden"] = model.prior.hidden
     return cfg
 
 
-def build_from_config(cfg, seed=0):
-    """build_model, then the flow prior where cfg asks for it."""
+def build_from_config(cfg):
+    """build_model, then Part 2's learned prior where cfg asks for it."""
     cfg = dict(cfg)
-    prior = cfg.pop("prior")
+    prior, hidden = cfg.pop("prior", "gaussian"), cfg.pop("prior_hidden", None)
     model = build_model(cfg.pop("arch"), **cfg)
-    return add_flow_prior(model, seed) if prior == "flow" else model
+    if prior == "learned":
+        model.prior = LearnedPrior(model.latent_shape, hidden)
+    return model
 
 
 def load_file(path, what, device="cpu"):
@@ -1420,9 +1309,9 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=list(ARCHS),
                    help="dense: vector latent; fullyconv: no dense layer (required, except "
                         "with --compare-data)")
-    p.add_argument("--prior", choices=["flow", "gaussian"], default="flow",
-                   help="flow: learned, z = f(u); gaussian: the plain VAE's N(0, I) "
-                        "(default: %(default)s)")
+    p.add_argument("--prior", choices=["learned", "gaussian"], default="learned",
+                   help="learned: fitted to the codes after training; gaussian: the plain "
+                        "VAE's N(0, I), no fitting (default: %(default)s)")
     p.add_argument("--size", type=int, choices=[64, NATIVE],
                    help="image size to train at (default: 64; a trained model keeps its own)")
     p.add_argument("--epochs", type=count, help=f"passes over the data (default: "
@@ -1436,9 +1325,8 @@ def parse_args(argv=None):
                    help="KL weight; 1 = the ELBO (default: %(default)s)")
     p.add_argument("--warmup", type=number(float, 0), default=KL_WARMUP,
                    help="epochs over which the KL weight rises from 0 (default: %(default)s)")
-    p.add_argument("--shape-steps", type=number(int, 0), default=1000,
-                   help="steps shaping the flow prior through the frozen decoder; 0 skips them "
-                        "(default: %(default)s)")
+    p.add_argument("--prior-steps", type=count, default=PRIOR_STEPS,
+                   help="Adam steps fitting the learned prior (default: %(default)s)")
     # the shape flags and --seed, --data default to None: a trained model brings its own
     p.add_argument("--latent-dim", type=count, help="dense (default: 32)")
     p.add_argument("--latent-channels", type=count,
@@ -1455,7 +1343,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, mps, ... (default: auto)")
     p.add_argument("--resume", type=Path, nargs="?", const="auto", metavar="CKPT",
                    help="go on from a checkpoint (default: <out>/checkpoint.pt)")
-    p.add_argument("--eval-n", type=count, default=1000,
+    p.add_argument("--eval-n", type=count, default=2000,
                    help="samples scored (default: %(default)s)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--evaluate", action="store_true",
@@ -1487,15 +1375,14 @@ def asked_config(args):
     """The model config that the flags ask for; None where they leave it to a trained model."""
     latent = {"latent_dim": args.latent_dim} if args.arch == "dense" else \
         {"latent_channels": args.latent_channels}
-    return {"arch": args.arch, "size": args.size, "prior": args.prior,
-            "widths": args.widths and list(args.widths), **latent}
+    return {"arch": args.arch, "size": args.size, "widths": args.widths and list(args.widths),
+            **latent}
 
 
 def new_model(args, device):
-    """The untrained model that args describe: the same VAE weights under either prior."""
+    """The untrained VAE that args describe, with N(0, I) until Part 2 fits its prior."""
     torch.manual_seed(args.seed)
-    return build_from_config(asked_config(args), args.seed).to(device,
-                                                                memory_format=torch.channels_last)
+    return build_from_config(asked_config(args)).to(device, memory_format=torch.channels_last)
 
 
 def pick_device(name):
@@ -1535,8 +1422,8 @@ def device_name(device):
 
 
 def train_and_save(model, train_x, val_x, args, device, out, config, resume):
-    """train() with a checkpoint after every epoch, then the shaping phase (flow prior) ->
-    history. Ctrl-C keeps the last epoch's checkpoint and exits with status 130."""
+    """train() with a checkpoint after every epoch, then Part 2's prior fitted to the codes
+    -> history. Ctrl-C keeps the last epoch's checkpoint and exits with status 130."""
     ckpt, saved = out / "checkpoint.pt", []
 
     def save_checkpoint(state):
@@ -1547,10 +1434,12 @@ def train_and_save(model, train_x, val_x, args, device, out, config, resume):
         history = train(model, train_x, val_x, device, args.epochs, args.batch_size, args.lr,
                         args.beta, args.warmup, args.seed, config["precision"] == "bf16",
                         resume, save_checkpoint)
-        if args.prior == "flow" and args.shape_steps:               # Part 2's last phase
+        if args.prior == "learned":                                 # Part 2
             t = time.perf_counter()
-            shape_prior(model, train_x, device, args.shape_steps, args.batch_size, args.seed)
-            config["shape_minutes"] = (time.perf_counter() - t) / 60
+            prior = LearnedPrior(model.latent_shape, PRIOR_HIDDEN[args.arch]).to(device)
+            model.prior = fit_prior(prior, *encode_all(model.eval(), train_x, device),
+                                    args.prior_steps, bf16=config["precision"] == "bf16")
+            config["prior_minutes"] = (time.perf_counter() - t) / 60
     except KeyboardInterrupt:
         if saved or resume is not None:
             print(f"interrupted: the checkpoint keeps the last finished epoch; the same command "
@@ -1571,14 +1460,14 @@ def train_and_save(model, train_x, val_x, args, device, out, config, resume):
 def run(args):
     device = pick_device(args.device)
     out = Path("results") if args.compare_data else args.out or Path("results") / (
-        args.arch if args.prior == "flow" else f"{args.arch}-{args.prior}")
+        args.arch if args.prior == "learned" else f"{args.arch}-{args.prior}")
     out.mkdir(parents=True, exist_ok=True)     # fails now, not after training, if it cannot
     if args.compare_data:
         return compare_data(out)
     torch.backends.cudnn.benchmark = True      # on a GPU: the fastest kernels for fixed shapes
     if args.evaluate or args.condition or args.sample:              # these use a trained model
         model = load_model(out / "model.pt", device)
-        check_matches(out / "model.pt", model_config(model), {**asked_config(args), "prior": None})
+        check_matches(out / "model.pt", model_config(model), asked_config(args))
         # the trained model's seed and data file, so that its held-out images stay held out
         trained = read_json(out / "config.json", {})
         args.size = model.size
@@ -1643,17 +1532,17 @@ def report(model, train_x, val_x, history, config, out, device, note, args, real
     metrics = evaluate(model, train_x, val_x, device, args.eval_n, args.seed, real)
     metrics.update(data=note.split(" trained on ")[1], code_version=code_version(),
                    train_device=config.get("device"), train_precision=config.get("precision"),
-                   **{k: config.get(k) for k in ("train_minutes", "train_img_per_s")})
+                   **{k: config.get(k) for k in ("train_minutes", "train_img_per_s",
+                                                 "prior_minutes")})
     write_json(out / "metrics.json", metrics)
     write_comparison(out.parent, val_x[:args.eval_n], device)
-    s, floor = metrics["samples"][metrics["prior"]], metrics["floor"]
     print(f"evaluated in {time.perf_counter() - t:.0f} s: held-out -ELBO {metrics['neg_elbo']:.1f}"
           f" nats/img (rec {metrics['elbo_rec']:.1f} + kl {metrics['elbo_kl']:.1f}), "
           f"reconstruction accuracy {metrics['recon_accuracy']:.4f}")
-    print(f"{metrics['prior']} prior samples (data): proportion {s['proportion']:.3f} "
-          f"({floor['proportion']:.3f}), pieces {s['pieces_mean']:.2f} "
-          f"({floor['pieces_mean']:.2f}), top-to-bottom channels {s['spanning_mean']:.2f} "
-          f"({floor['spanning_mean']:.2f}), memorisation {s['memorisation']:.2f}")
+    for name, sc in metrics["scores"].items():
+        print(f"{name:>8}: told from data {sc['c2st']:.3f} (0.5 = not at all)  proportion "
+              f"{sc['proportion']:.3f}  pieces {sc['pieces']:.2f}  top-to-bottom channels "
+              f"{sc['top-to-bottom channels']:.2f}  near-empty {sc['near-empty']:.3f}")
     print(f"wrote {out}/: figures, metrics.json, and {out.parent}/comparison.md")
 
 
