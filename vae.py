@@ -4,9 +4,10 @@
 The data: 128x128 binary images of channel facies (1 = channel sand, 0 = background mud),
 halved to 64x64; without data/train_images.h5, a synthetic stand-in made once.
 Part 1, the plain VAE: data, the two models, the ELBO, training, samples and interpolation;
-        `python vae.py --arch dense --prior gaussian` trains exactly this model.
-Part 2, beyond it: a learned prior that makes random draws decode to whole channels, and
-        conditioning channel models on wells, which is what the latent space is for.
+        every command trains exactly this model (`--prior gaussian` stops there).
+Part 2, beyond it: a prior learned from the codes after training, which makes random draws
+        decode to whole channels, and conditioning channel models on wells, which is what
+        the latent space is for.
 Part 3, measuring and plumbing: the stand-in, realism scores, reports, files, the command line.
 """
 import argparse
@@ -444,7 +445,8 @@ def sample_figures(model, val_x, device, note, seed=0):
 
 # `python vae.py --arch dense --prior gaussian` runs load_images -> split -> build_model ->
 # train -> sample_figures, with run() in Part 3. You can stop here: that is the whole VAE.
-# Its random draws come out with too little channel and broken bodies; Part 2 says why.
+# Its random draws come out with too little channel and broken bodies; Part 2 says why, and
+# fits a better prior to this very model.
 
 
 # =============================================================================================
@@ -472,10 +474,10 @@ def sample_figures(model, val_x, device, note, seed=0):
 # code to its u, so interpolation and ES-MDA still work on Gaussian u. v is an MLP for the
 # dense latent and 3x3 convolutions for the fullyconv one (no dense layer, any grid), with t
 # fed to every layer as sin/cos features (channels on a grid).
-PRIOR_HIDDEN = {"dense": 512, "fullyconv": 128}     # width of v's layers
+PRIOR_HIDDEN = {"dense": 512, "fullyconv": 64}      # width of v's layers (channels on a grid)
+PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (a grid holds 8x8 codes)
 PRIOR_DEPTH = 4                                      # residual layers
 PRIOR_STEPS = 4000                                   # Adam steps of the fit
-PRIOR_BATCH = 512
 ODE_STEPS = 10                                       # Heun steps, two evaluations of v each
 
 
@@ -535,7 +537,7 @@ def encode_all(model, images, device, batch_size=500):
     return torch.cat([m for m, _ in out]), torch.cat([v for _, v in out])
 
 
-def flow_matching_loss(prior, mu, logvar, batch_size=PRIOR_BATCH, bf16=False):
+def flow_matching_loss(prior, mu, logvar, batch_size, bf16=False):
     """The loss above on a batch of codes z1 ~ q(z|x) = N(mu, exp(logvar)), drawn from the
     codes of all training images, mu and logvar (N, *latent) -> a scalar."""
     i = torch.randint(len(mu), (batch_size,), device=mu.device)
@@ -548,8 +550,7 @@ def flow_matching_loss(prior, mu, logvar, batch_size=PRIOR_BATCH, bf16=False):
     return (v.float() - (z1 - z0)).pow(2).flatten(1).sum(1).mean()
 
 
-def fit_prior(prior, mu, logvar, steps=PRIOR_STEPS, batch_size=PRIOR_BATCH, lr=1e-3, bf16=False,
-              log=print):
+def fit_prior(prior, mu, logvar, steps, batch_size, lr=1e-3, bf16=False, log=print):
     """Adam on flow_matching_loss -> the prior, fitted."""
     opt = torch.optim.Adam(prior.parameters(), lr=lr)
     t_log = time.perf_counter()
@@ -926,6 +927,7 @@ def counts(x):
             "near-empty": float((stats["proportion"] < 0.05).mean())}
 
 
+@torch.enable_grad()                    # also when called from evaluation under no_grad
 def c2st(a, b, device, seed=0, epochs=10, batch_size=128, lr=2e-3):
     """Binary images a and b (N, 1, S, S) -> the accuracy, on the 1/4 of them held back, of a
     CNN trained to tell them apart (Part 1's encoder trunk, then one linear output), 0-d."""
@@ -940,6 +942,7 @@ def c2st(a, b, device, seed=0, epochs=10, batch_size=128, lr=2e-3):
         net = nn.Sequential(encoder_trunk(widths), nn.Flatten(),
                             nn.Linear(widths[-1] * (size // 16) ** 2, 1)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    batch_size = min(batch_size, len(fit))
     per_epoch = len(fit) // batch_size
     for step in range(epochs * per_epoch):
         if step % per_epoch == 0:
@@ -1012,13 +1015,20 @@ def evaluate(model, train_x, val_x, device, n=2000, seed=0, real=None):
                for name, p in priors.items()}
     sets = {name: (decode_probs(model, z, device) >= 0.5).to(torch.uint8) for name, z in
             {**latents, "codes": reparameterize(mu, logvar, g)[0]}.items()}
-    held_near = nearest(held, train_x)[0].median()
+    held_near = nearest(held, train_x)[0].median().item()     # pixels to the nearest one
     out["scores"] = {}
     for name, x in {**sets, "data": other}.items():
         tests = [c2st(x, held, device, s).item() for s in range(C2ST_SEEDS)]
+        near = nearest(x, train_x)[0].median().item()
         out["scores"][name] = {"c2st": float(np.mean(tests)), "c2st_seeds": tests, **counts(x),
+                               "nearest_px": near,
                                # below 1: nearer the training images than held-out images are
-                               "memorisation": (nearest(x, train_x)[0].median() / held_near).item()}
+                               # (None where held-out images have exact copies in training)
+                               "memorisation": near / held_near if held_near else None}
+    if len(model.latent_shape) > 1:        # fullyconv: fields twice as wide and tall
+        c, h, w = model.latent_shape
+        u = torch.randn(n // 4, c, 2 * h, 2 * w, generator=g).to(device)
+        out["large_field"] = counts(decode_probs(model, model.prior.to_z(u), device) >= 0.5)
     return out
 
 
@@ -1080,7 +1090,7 @@ def markdown_table(header, rows):
 
 RUNS = [f"{a}{suffix}" for a in ARCHS for suffix in ("", "-gaussian")]     # results/ folders
 SCORES = ("c2st", "proportion", "pieces", "top-to-bottom channels", "channel width (median)",
-          "near-empty", "memorisation")
+          "near-empty", "nearest_px", "memorisation")
 MODEL_FACTS = ("neg_elbo", "recon_accuracy", "real_recon_accuracy", "active_units",
                "train_minutes", "train_img_per_s", "train_device")
 
@@ -1092,21 +1102,24 @@ def write_comparison(results_dir, held, device):
             if (results_dir / f / "metrics.json").is_file()}
     if not runs:
         return
-    rows = [[f"{folder}: {name}", *[f"{m['scores'][name][k]:.3f}" for k in SCORES]]
+    def cell(v):
+        return "" if v is None else v if isinstance(v, str) else f"{v:.4g}"
+    rows = [[f"{folder}: {name}", *[cell(m["scores"][name][k]) for k in SCORES]]
             for folder, m in runs.items() for name in m["scores"] if name != "data"]
     first = next(iter(runs.values()))
-    rows.append([f"data: other held-out images", *[f"{first['scores']['data'][k]:.3f}"
-                                                    for k in SCORES]])
-    facts = [[folder, *["" if m.get(k) is None else m[k] if isinstance(m[k], str) else
-                        f"{m[k]:.4g}" for k in MODEL_FACTS], m["code_version"]["git_commit"]]
+    rows.append(["data: other held-out images", *[cell(first["scores"]["data"][k])
+                                                  for k in SCORES]])
+    facts = [[folder, *[cell(m.get(k)) for k in MODEL_FACTS], m["code_version"]["git_commit"]]
              for folder, m in runs.items()]
     write_text(results_dir / "comparison.md",
                f"Each set of {first['n']} images (decoded at 0.5) against {first['n']} held-out "
                f"images of {first['data']}: c2st is the accuracy of a classifier that tells them "
                f"apart (0.5: it cannot), the mean of {C2ST_SEEDS} seeds; the counts are means "
-               f"per image. \"learned\" and \"gaussian\" are prior draws through the same "
-               f"decoder; \"codes\" decodes z ~ q(z|x) of other held-out images, the decoder's "
-               f"best case.\n\n" + markdown_table(["images", *SCORES], rows) + "\n"
+               f"per image; nearest_px is the median distance in pixels to the nearest training "
+               f"image, and memorisation that over the held-out images' own (below 1: nearer). "
+               f"\"learned\" and \"gaussian\" are prior draws through the same decoder; "
+               f"\"codes\" decodes z ~ q(z|x) of other held-out images, the decoder's best "
+               f"case.\n\n" + markdown_table(["images", *SCORES], rows) + "\n"
                + markdown_table(["model", *MODEL_FACTS, "code version"], facts))
 
     real = real_reference(held.shape[-1])
@@ -1438,7 +1451,8 @@ def train_and_save(model, train_x, val_x, args, device, out, config, resume):
             t = time.perf_counter()
             prior = LearnedPrior(model.latent_shape, PRIOR_HIDDEN[args.arch]).to(device)
             model.prior = fit_prior(prior, *encode_all(model.eval(), train_x, device),
-                                    args.prior_steps, bf16=config["precision"] == "bf16")
+                                    args.prior_steps, PRIOR_BATCH[args.arch],
+                                    bf16=config["precision"] == "bf16")
             config["prior_minutes"] = (time.perf_counter() - t) / 60
     except KeyboardInterrupt:
         if saved or resume is not None:
