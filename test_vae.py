@@ -329,6 +329,18 @@ def test_realism_scores_against_truths_by_hand_and_by_construction():
         assert abs(vae.c2st(x[:300], x[300:], CPU) - 0.5) < 0.1 and vae.c2st(x[:300], cut, CPU) > 0.9
 
 
+def test_the_comparison_leaves_out_runs_of_older_versions(tmp_path):
+    # results/ may hold a run scored by an older vae.py: its metrics lack the C2ST, or a column
+    score = {"c2st": 0.6, **dict.fromkeys(vae.SCORES[1:-2], 1.0)}       # no nearest_px, memorisation
+    new = {"n": 10, "data": "the data", "scores": {"learned": score, "data": score}}
+    (tmp_path / "dense").mkdir(), (tmp_path / "fullyconv").mkdir()
+    vae.write_json(tmp_path / "dense" / "metrics.json", new)
+    vae.write_json(tmp_path / "fullyconv" / "metrics.json", {"scores": {"flow": {"pieces": 2.0}}})
+    vae.write_comparison(tmp_path, images(10), CPU)
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| dense: learned | 0.6 |" in table and "fullyconv" not in table
+
+
 def test_resume_equals_uninterrupted():
     x, saved, quiet, model = images(160), io.BytesIO(), lambda s: None, lambda: vae.build_model("dense", 64, latent_dim=8, **TINY)
     torch.manual_seed(0)

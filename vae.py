@@ -198,7 +198,8 @@ def gaussian_kl(mu, logvar):
 class StandardNormal(nn.Module):
     """The prior p(z) = N(0, I), for drawing latents. A draw is Gaussian noise u that to_z
     turns into a latent; to_u gives a latent's noise back. For N(0, I) both are the identity
-    (not so for the prior that Part 2 learns)."""
+    (not so for the prior that Part 2 learns). The ELBO's KL is always against N(0, I)
+    (gaussian_kl below): a prior object only draws."""
     name = "gaussian"
     title = "N(0, I)"
 
@@ -284,7 +285,7 @@ def beta_at(step, warmup_steps, beta):
 
 @torch.no_grad()
 def validate(model, images, device, beta, batch_size=500):
-    """Mean (loss, rec, kl) in nats/image of uint8 images (N, 1, S, S), at full beta: the -ELBO."""
+    """Mean (loss, rec, kl) in nats/image of uint8 images (N, 1, S, S); at beta 1, the -ELBO."""
     was_training = model.training
     model.eval()
     total = torch.zeros(3, dtype=torch.float64)
@@ -470,12 +471,14 @@ def sample_figures(model, val_x, device, note, seed=0):
 # (the sigmoid of a N(0, 1) number), which trains the middle of the path most, where a draw's
 # layout is decided (Esser et al. 2024); here it drew fewer broken channels than uniform t.
 # No term looks at the images: the prior learns from the codes alone, whatever the channels
-# look like. The ODE is solved with Heun's method in ODE_STEPS steps; run backwards it maps a
-# code to its u, so interpolation and ES-MDA still work on Gaussian u. v is an MLP for the
-# dense latent and 3x3 convolutions for the fullyconv one (no dense layer, any grid), with t
-# fed to every layer as sin/cos features (channels on a grid).
+# look like. The ODE is solved with Heun's method in ODE_STEPS steps (an Euler step, then the
+# mean of the slopes at its two ends: second order, so few steps); run backwards it maps a
+# code to its u, up to the solver's error, so interpolation and ES-MDA still work on Gaussian
+# u. v is an MLP for the dense latent and 3x3 convolutions for the fullyconv one (no dense
+# layer, any grid), with t fed to every hidden layer as sin/cos features (channels on a grid).
+# The loss never reaches 0: lines from many (z0, z1) cross each point, and v learns their mean.
 PRIOR_HIDDEN = {"dense": 512, "fullyconv": 64}      # width of v's layers (channels on a grid)
-PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (a grid holds 8x8 codes)
+PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (a grid code has 16 cells)
 PRIOR_DEPTH = 4                                      # residual layers
 PRIOR_STEPS = 4000                                   # Adam steps of the fit
 ODE_STEPS = 10                                       # Heun steps, two evaluations of v each
@@ -583,7 +586,8 @@ def fit_prior(prior, mu, logvar, steps, batch_size, lr=1e-3, bf16=False, log=pri
 # with C_MD (P, K) and C_DD (K, K) the ensemble covariances of m with g(m) and of g(m): each
 # member moves along the regression of the parameters on the predicted data. For a linear g
 # and Gaussian m this samples the exact posterior as the ensemble grows (a test checks it).
-# The decoder is not linear, so 16 small updates are used rather than the usual 4.
+# The decoder is not linear, so each update is right only near the ensemble it starts from:
+# 16 assimilations rather than the usual 4.
 OBS_SD = 0.02
 ASSIMILATIONS = 16
 MEMBERS = 200
@@ -1100,17 +1104,19 @@ def write_comparison(results_dir, held, device):
     results/samples_side_by_side.png: real images, data and each run's prior draws."""
     runs = {f: read_json(results_dir / f / "metrics.json") for f in RUNS
             if (results_dir / f / "metrics.json").is_file()}
+    # metrics of older versions of this file, without the C2ST, are left out; missing keys blank
+    runs = {f: m for f, m in runs.items() if "c2st" in m.get("scores", {}).get("data", {})}
     if not runs:
         return
     def cell(v):
         return "" if v is None else v if isinstance(v, str) else f"{v:.4g}"
-    rows = [[f"{folder}: {name}", *[cell(m["scores"][name][k]) for k in SCORES]]
+    rows = [[f"{folder}: {name}", *[cell(m["scores"][name].get(k)) for k in SCORES]]
             for folder, m in runs.items() for name in m["scores"] if name != "data"]
     first = next(iter(runs.values()))
-    rows.append(["data: other held-out images", *[cell(first["scores"]["data"][k])
+    rows.append(["data: other held-out images", *[cell(first["scores"]["data"].get(k))
                                                   for k in SCORES]])
-    facts = [[folder, *[cell(m.get(k)) for k in MODEL_FACTS], m["code_version"]["git_commit"]]
-             for folder, m in runs.items()]
+    facts = [[folder, *[cell(m.get(k)) for k in MODEL_FACTS],
+              cell(m.get("code_version", {}).get("git_commit"))] for folder, m in runs.items()]
     write_text(results_dir / "comparison.md",
                f"Each set of {first['n']} images (decoded at 0.5) against {first['n']} held-out "
                f"images of {first['data']}: c2st is the accuracy of a classifier that tells them "
@@ -1302,7 +1308,7 @@ def write_json(path, value):
 
 
 # ----------------------------------------------------------------------------- command line
-EPOCHS = {"dense": 24, "fullyconv": 20}     # about 10 minutes each on 2 CPU cores
+EPOCHS = {"dense": 24, "fullyconv": 20}     # 11-12 min on 2 cores with native bf16, ~20 without
 
 
 def number(cast, low, strict=False):
