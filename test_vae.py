@@ -448,16 +448,17 @@ def test_main_trains_evaluates_samples_and_conditions(trained, capsys, monkeypat
     # held-out images are the ones training held out, and it scores them as --seed 3 does
     (out / "samples.png").unlink()
 
-    def evaluate(*extra):
+    def held_out_elbo(*extra):                         # --evaluate -> its held-out -ELBO
         code, stdout, err = run_main(["--arch", arch, "--out", out, "--evaluate", *extra], capsys)
         assert code == 0 and "epoch 1/" not in stdout, err
         return vae.read_json(out / "metrics.json")["neg_elbo"]
-    scores = [evaluate()]
+    scores = [held_out_elbo()]
     assert (out / "samples.png").is_file()
     with monkeypatch.context() as m:                   # the figures once: they take most of the time
         m.setattr(vae, "sample_figures", lambda *a, **k: {})
         m.setattr(vae, "more_figures", lambda *a, **k: None)
-        scores += [evaluate("--seed", "3", "--data", argv[arch][3]), evaluate("--seed", "0")]
+        scores += [held_out_elbo("--seed", "3", "--data", argv[arch][3])]
+        scores += [held_out_elbo("--seed", "0")]
     assert scores[0] == scores[1] != scores[2], scores
     # --sample: thresholded prior samples in the real file's layout, which load_images reads
     assert run_main(argv[arch] + ["--sample", "37"], capsys)[0] == 0
