@@ -1,6 +1,7 @@
 """Tests for vae.py against independent truths (hand-made images, torch.distributions, autograd,
 analytic answers): Part 1's and Part 2's lessons in the file's order, then the metrics, Ctrl-C,
 one end-to-end run per command, and bad input. Run: python -m pytest -q test_vae.py"""
+import contextlib
 import io
 import math
 import os
@@ -17,6 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 import vae
 
@@ -51,6 +55,57 @@ def run_main(argv, capsys):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+class EmulatedCuda(TorchFunctionMode):
+    """A GPU's rules on a machine without one, with real numbers. Inside, device "cuda" exists:
+    its tensors are CPU tensors listed in on_gpu, and every torch call passes through
+    __torch_function__, which does what CUDA does: factories with device="cuda", .to("cuda")
+    and .cuda() make them (a move copies); .cpu() and .to("cpu") copy back; an op that mixes
+    one with a CPU tensor (other than a 0-d scalar, or a CPU index into it) raises, and so
+    do .numpy() and a CPU generator drawing onto the GPU. moved_in: the bytes of each move to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.on_gpu, self.moved_in = WeakIdKeyDictionary(), []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs, name, gpu = kwargs or {}, getattr(func, "__name__", ""), self.on_gpu
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func == torch.Tensor.device.__get__:
+            return torch.device("cuda", 0) if args[0] in gpu else torch.device("cpu")
+        if name in ("numpy", "__array__") and args[0] in gpu:
+            raise TypeError("can't convert cuda:0 device type tensor to numpy")
+        asked = name if name in ("cuda", "cpu") else None            # None: the inputs' device
+        for d in [kwargs.get("device")] + (list(args[1:]) if name == "to" else []):
+            if isinstance(d, (str, torch.device)):
+                asked = torch.device(d).type
+            elif isinstance(d, torch.Tensor):                         # .to(other)
+                asked = "cuda" if d in gpu else "cpu"
+        if asked == "cuda":
+            if any(isinstance(g, torch.Generator) for g in tree_leaves((args, kwargs))):
+                raise RuntimeError("Expected a 'cuda' device type for generator")
+            kwargs = {**kwargs, **({"device": "cpu"} if "device" in kwargs else {})}
+            args = [a if name == "cuda" or not isinstance(a, (str, torch.device)) else "cpu"
+                    for a in args]
+        on = [t for t in tensors if t in gpu]
+        index = tree_leaves(args[1:2]) if name in ("__getitem__", "__setitem__") else []
+        if asked is None and on and name not in ("copy_", "__set__", "_has_compatible_shallow_copy_type"):
+            for t in tensors:
+                if t not in gpu and t.dim() > 0 and not (args[0] in gpu and any(t is i for i in index)):
+                    raise RuntimeError(f"Expected all tensors to be on the same device, but found at "
+                                       f"least two devices, cuda:0 and cpu! ({name})")
+        out = func(*args, **kwargs)
+        if name in ("to", "cuda", "cpu") and out is args[0] and (out in gpu) != (asked == "cuda"):
+            out = out.clone()                              # a move between devices copies
+            self.moved_in += [out.nbytes] if asked == "cuda" else []
+        if func == torch.Tensor.data.__set__ and args[1] in gpu:   # Module.to("cuda")
+            gpu[args[0]] = True
+        elif asked == "cuda" or (asked is None and on):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    gpu[t] = True
+        return out
 
 
 def assert_clean_error(code, err, *fragments, lines=1):
@@ -233,6 +288,13 @@ def test_the_learned_prior_is_what_samples_come_from():
         torch.testing.assert_close(vae.sample_latents(model, 4, g()), want)
         plain = vae.build_model(arch, 64, **TINY)                  # N(0, I): exactly u
         assert torch.equal(vae.sample_latents(plain, 4, g()), torch.randn(4, *plain.latent_shape, generator=g()))
+    # a saved model keeps how it draws (width, depth, ODE steps), whatever the defaults become;
+    # the committed models, saved without depth and steps, load with the values they had
+    prior = vae.build_from_config(vae.model_config(learned_model("fullyconv"))).prior
+    assert (prior.hidden, prior.depth, prior.steps) == (16, 2, 4)
+    for arch in vae.ARCHS:
+        prior = vae.load_model(HERE / "results" / arch / "model.pt").prior
+        assert (prior.depth, prior.steps) == (vae.PRIOR_DEPTH, vae.ODE_STEPS) == (4, 10)
 
 
 def test_esmda_recovers_the_analytic_linear_gaussian_posterior():
@@ -250,36 +312,6 @@ def test_esmda_recovers_the_analytic_linear_gaussian_posterior():
     # the ensemble mean's sampling error is sd_post / sqrt(n) < 0.01
     torch.testing.assert_close(post.mean(0), m0 + gain @ (d_obs - G @ m0), rtol=0, atol=0.02)
     torch.testing.assert_close(torch.cov(post.T), c_m - gain @ G @ c_m, rtol=0, atol=0.02)
-
-
-def test_device_work_never_meets_a_cpu_tensor():
-    # PyTorch's meta device holds shapes only and, as CUDA does, refuses to mix with CPU
-    # tensors (0-d scalars apart): a tensor made on the CPU by mistake in device work raises
-    # here as it would on a GPU, on a machine without one
-    meta = torch.device("meta")
-    for arch in vae.ARCHS:
-        model = learned_model(arch).to(meta)
-        x = torch.zeros(4, 1, 64, 64, device=meta)
-        loss = vae.train_step(model, torch.optim.Adam(model.parameters()), x, 1.0, 1e-3)[0]
-        assert loss.device == meta                                          # a training step
-        z = vae.sample_latents(model, 3, torch.Generator().manual_seed(0))    # prior draws, decoded
-        assert vae.decode_probs(model, z, meta).shape == (3, 1, 64, 64)
-        ends = torch.zeros(2, 2, *model.latent_shape, device=meta)            # an interpolation
-        assert vae.interpolate(model, ends, 5, meta).shape == (5, 2, 1, 64, 64)
-        res = vae.condition_on_wells(model, images(1)[0], meta, n_wells=4, members=6, assimilations=2)
-        assert res["posterior"].device == meta                               # ES-MDA updates
-        # a step of fitting the prior (the fit's log line reads values, which meta tensors lack)
-        mu, logvar = vae.encode_all(model, images(5), meta)
-        vae.flow_matching_loss(model.prior, mu, logvar, batch_size=8).backward()
-        assert vae.c2st(x, x, meta, epochs=1, batch_size=2).device == meta   # the two-sample test
-        queries = torch.zeros(3, 1, 64, 64, dtype=torch.uint8, device=meta)  # the nearest-image search
-        assert vae.nearest(queries, images(5), chunk=2)[0].device == meta
-    # the counts read their data (unique, nonzero), so they run on real CPU tensors here, with
-    # meta as the default device: a tensor made without naming the input's device lands there
-    m = images(6)[:, 0].bool()
-    want = [v.tolist() for v in vae.pieces_and_spanning(m)] + [vae.run_widths(m)[0].tolist()]
-    with torch.device("meta"):
-        assert [v.tolist() for v in vae.pieces_and_spanning(m)] + [vae.run_widths(m)[0].tolist()] == want
 
 
 # ============================================================================ Part 3, resume, Ctrl-C, end to end, bad input
@@ -315,6 +347,17 @@ def test_realism_scores_against_truths_by_hand_and_by_construction():
     assert torch.equal(vae.hamming(a, b), torch.tensor([[(x != y).sum().item() for y in b] for x in a]).float())
     dist, index = vae.nearest(a[2:], torch.cat([b, a[2:]]), chunk=2)        # found in a later chunk
     assert dist.tolist() == [0] and index.tolist() == [4]
+    # memorisation: copies of training images score 0, images twice as far from them as
+    # held-out images are score 2
+    train = (torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.5).to(torch.uint8)
+
+    def flipped(k):                                     # each training image, k pixels flipped
+        x = train.clone().flatten(1)
+        x[:, :k] ^= 1
+        return x.view_as(train)
+    held_px = vae.nearest(flipped(4), train)[0].median().item()
+    assert held_px == 4 and vae.memorisation(train, train, held_px) == (0, 0)
+    assert vae.memorisation(flipped(8), train, held_px) == (2, 8)
     x = torch.zeros(2, 1, 64, 64, dtype=torch.uint8)
     x[0, ..., 10:14] = 1          # two bars from top to bottom, 4 and 6 px wide; then an empty image
     x[0, ..., 40:46] = 1
@@ -385,13 +428,14 @@ def test_ctrl_c_keeps_the_last_checkpoint_leaves_no_half_file_exits_130_and_is_n
     # in training, after the first epoch's checkpoint and before it (200 steps of 2 images);
     # and while the synthetic file is written
     train = ["--arch", "dense", "--data", tiny_h5(tmp_path / "d.h5", n=400), "--epochs", "500", "--widths", 8, 16, 16, 16]
-    errs = [interrupt_after(start(argv, tmp_path, slow), marker, delay) for argv, marker, delay, slow in (
-        (train + ["--out", tmp_path / "o", "--batch-size", "8"], "epoch 1 done", 0.5, False),
-        (train + ["--out", tmp_path / "early", "--batch-size", "2"], "parameters", 0.1, False),
-        (["--arch", "dense", "--out", tmp_path / "g"], "generating", 0.5, True))]
+    runs = ((train + ["--out", tmp_path / "early", "--batch-size", "2"], "parameters", 0.1, False),
+            (["--arch", "dense", "--out", tmp_path / "g"], "generating", 0.5, True),
+            (train + ["--out", tmp_path / "o", "--batch-size", "8"], "epoch 1 done", 0.5, False))
+    procs = [start(argv, tmp_path, slow) for argv, _, _, slow in runs]           # all at once
+    errs = [interrupt_after(proc, marker, delay) for proc, (_, marker, delay, _) in zip(procs, runs)]
     for code, err in errs:
         assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "--resume" in errs[0][1] and "no checkpoint was written" in errs[1][1] and "half-written" in errs[2][1]
+    assert "no checkpoint was written" in errs[0][1] and "half-written" in errs[1][1] and "--resume" in errs[2][1]
     assert len(vae.load_file(tmp_path / "o" / "checkpoint.pt", "checkpoint")["history"]["epoch"]) >= 1
     assert not (tmp_path / "early" / "checkpoint.pt").exists()
     assert not list((tmp_path / "o").glob("*.tmp")) and list((tmp_path / "data").iterdir()) == []
@@ -400,28 +444,45 @@ def test_ctrl_c_keeps_the_last_checkpoint_leaves_no_half_file_exits_130_and_is_n
               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "if {hook}:\n    sys.unraisablehook = vae.reraise_lost_ctrl_c\n"
               "class Finalized:\n    def __del__(self):\n        raise KeyboardInterrupt\n"
-              "try:\n    Finalized()\n    t = time.time()\n    while time.time() - t < 5:\n        pass\n"
+              "try:\n    Finalized()\n    t = time.time()\n    while time.time() - t < 2:\n        pass\n"
               "    print('lost')\nexcept KeyboardInterrupt:\n    print('raised again')\n")
-    for hook, want in ((False, "lost"), (True, "raised again")):
-        done = subprocess.run([sys.executable, "-c", script.format(here=str(HERE), hook=hook)],
-                              capture_output=True, text=True, timeout=60)
-        assert done.stdout.strip() == want, done.stderr
+    procs = {want: subprocess.Popen([sys.executable, "-c", script.format(here=str(HERE), hook=hook)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for hook, want in ((False, "lost"), (True, "raised again"))}
+    for want, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        assert out.strip() == want, err
+
+
+def device_for(arch, monkeypatch):
+    """dense's commands run on the emulated GPU, fullyconv's on the CPU -> (flags, context).
+    torch.cuda's own queries answer as for a GPU without bf16: the same fp32 as the CPU's."""
+    if arch == "fullyconv":
+        return ["--device", "cpu"], contextlib.nullcontext()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "an emulated GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    return ["--device", "cuda"], EmulatedCuda()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     # both default commands on 200 tiny images: 1 epoch, a small trunk, 3 steps fitting the
-    # prior; dense on a user's own file, fullyconv on one named as the exercise's
+    # prior; dense on a user's own file and the emulated GPU, fullyconv on one named as the
+    # exercise's and the CPU
     root = tmp_path_factory.mktemp("e2e")
     files = {"dense": tiny_h5(root / "d.h5", n=200), "fullyconv": tiny_h5(root / "train_images.h5", n=200)}
     argv = {arch: [str(a) for a in ["--arch", arch, "--data", files[arch], "--out",
                                     root / "res" / arch, "--epochs", "1", "--batch-size", "16", "--widths",
                                     8, 16, 16, 16, "--eval-n", "10", "--prior-steps", "3", "--seed", "3"]]
             for arch in vae.ARCHS}
-    with pytest.MonkeyPatch.context() as small:            # a small prior too (config.json keeps its width)
-        small.setattr(vae, "PRIOR_HIDDEN", {"dense": 16, "fullyconv": 8})
-        for args in argv.values():
-            vae.main(args + ["--device", "cpu"])
+    with pytest.MonkeyPatch.context() as m:                # a small prior too (config.json keeps its width)
+        m.setattr(vae, "PRIOR_HIDDEN", {"dense": 16, "fullyconv": 8})
+        for arch, args in argv.items():
+            device, context = device_for(arch, m)
+            with context:
+                vae.main(args + device)
+            if arch == "dense":     # the training images (180) cross to the GPU once, for all uses
+                assert sum(n >= 180 * 64 * 64 for n in context.moved_in) == 1, context.moved_in
     return root, argv
 
 
@@ -429,6 +490,11 @@ def trained(tmp_path_factory):
 def test_main_trains_evaluates_samples_and_conditions(trained, capsys, monkeypatch, arch):
     root, argv = trained
     out = root / "res" / arch
+    device, context = device_for(arch, monkeypatch)
+
+    def command(*args):                                # on the arch's device -> (code, stdout, stderr)
+        with context:
+            return run_main([*args, *device], capsys)
     names = {p.name for p in out.iterdir()}
     assert names == {"samples.png", "interpolation.png", "reconstructions.png", "losses.png", "nearest.png",
                      "history.json", "config.json", "model.pt", "metrics.json", "checkpoint.pt",
@@ -449,7 +515,7 @@ def test_main_trains_evaluates_samples_and_conditions(trained, capsys, monkeypat
     (out / "samples.png").unlink()
 
     def held_out_elbo(*extra):                         # --evaluate -> its held-out -ELBO
-        code, stdout, err = run_main(["--arch", arch, "--out", out, "--evaluate", *extra], capsys)
+        code, stdout, err = command("--arch", arch, "--out", out, "--evaluate", *extra)
         assert code == 0 and "epoch 1/" not in stdout, err
         return vae.read_json(out / "metrics.json")["neg_elbo"]
     scores = [held_out_elbo()]
@@ -461,42 +527,49 @@ def test_main_trains_evaluates_samples_and_conditions(trained, capsys, monkeypat
         scores += [held_out_elbo("--seed", "0")]
     assert scores[0] == scores[1] != scores[2], scores
     # --sample: thresholded prior samples in the real file's layout, which load_images reads
-    assert run_main(argv[arch] + ["--sample", "37"], capsys)[0] == 0
+    assert command(*argv[arch], "--sample", "37")[0] == 0
     model = vae.load_model(out / "model.pt")
     probs = vae.decode_probs(model, vae.sample_latents(model, 37, torch.Generator().manual_seed(0)), CPU)
     assert (vae.load_images(out / "samples.h5", size=64).bool() == (probs >= 0.5)).float().mean() > 0.999
     if arch == "fullyconv":                            # an (8, 8) latent grid: 128x128 fields
-        assert run_main(argv[arch] + ["--sample", "5", "--grid", "8"], capsys)[0] == 0
+        assert command(*argv[arch], "--sample", "5", "--grid", "8")[0] == 0
         assert vae.load_images(out / "samples.h5", size=128).shape == (5, 1, 128, 128)
-    assert_clean_error(*run_main(argv[arch] + ["--evaluate", "--size", "128"], capsys)[::2], "holds a model with size 64")
+    assert_clean_error(*command(*argv[arch], "--evaluate", "--size", "128")[::2], "was trained with --size 64, but this run asks for 128")
     for name, value in (("TRUTHS", 5), ("MEMBERS", 20), ("ASSIMILATIONS", 4)):  # a smaller study
         monkeypatch.setattr(vae, name, value)
-    assert run_main(argv[arch] + ["--condition", "--wells", "8"], capsys)[0] == 0
+    assert command(*argv[arch], "--condition", "--wells", "8")[0] == 0
     cond = vae.read_json(out / "conditioning.json")
     assert cond["prior"] == "learned" and cond["truths"] == len(cond["cases"]) == 5 and cond["wells"] == 8
     assert cond["posterior_proportion_over_truth"] == pytest.approx(
         cond["posterior_proportion"] / np.mean([c["truth_proportion"] for c in cond["cases"]]))
     assert cond["members"] == 20 and cond["assimilations"] == 4
     assert vae.load_images(out / "conditioning_members.h5", size=64).shape == (5 * 20, 1, 64, 64)
-    assert_clean_error(*run_main(argv[arch] + ["--condition", "--wells", "5000"], capsys)[::2], "only 4096 pixels")
+    assert_clean_error(*command(*argv[arch], "--condition", "--wells", "5000")[::2], "only 4096 pixels")
 
 
-def test_resume_continues_from_the_checkpoint_and_bad_checkpoints_end_cleanly(trained, capsys, tmp_path):
+def test_resume_takes_the_checkpoints_settings_and_refuses_others(trained, capsys, tmp_path):
     root, argv = trained
-    code, stdout, err = run_main(argv["dense"] + ["--epochs", "3", "--resume"], capsys)
+    out = root / "res" / "dense"
+    # trained with --seed 3, a data file, batch size 16 and small widths: a resume that names
+    # none of them takes each from the checkpoint (the same split, batches and model)
+    code, stdout, err = run_main(["--arch", "dense", "--out", out, "--epochs", "3", "--resume", "--eval-n", "10"], capsys)
     assert code == 0 and "resuming after epoch 1" in stdout and "epoch 3 done" in stdout, err
-    history = vae.read_json(root / "res" / "dense" / "history.json")
+    config, history = vae.read_json(out / "config.json"), vae.read_json(out / "history.json")
+    assert [config[k] for k in ("seed", "data", "batch_size", "widths", "prior_steps")] == [3, argv["dense"][3], 16, [8, 16, 16, 16], 3]
     # the schedule of the 1-epoch run goes on at its final rate: the rate never rises again
     assert history["epoch"] == [1, 2, 3] and history["lr"] == sorted(history["lr"], reverse=True), history["lr"]
     (tmp_path / "junk.pt").write_bytes(b"\x00not a checkpoint")
-    for ckpt, extra, fragment in ((tmp_path / "missing.pt", [], "checkpoint not found"),
-                                  (tmp_path / "junk.pt", [], "corrupt or not a PyTorch file"),
-                                  (root / "res" / "fullyconv" / "checkpoint.pt", [], "holds a model with arch fullyconv"),
-                                  (root / "res" / "dense" / "checkpoint.pt", ["--latent-dim", "8"],
-                                   "holds a model with latent_dim 32, but this run asks for 8")):
-        assert_clean_error(*run_main(argv["dense"] + ["--resume", ckpt, *extra], capsys)[::2], fragment)
+    resume = ["--arch", "dense", "--out", out, "--resume"]
+    for extra, fragment in (([tmp_path / "missing.pt"], "checkpoint not found"),
+                            ([tmp_path / "junk.pt"], "corrupt or not a PyTorch file"),
+                            ([root / "res" / "fullyconv" / "checkpoint.pt"], "was trained with --arch fullyconv"),
+                            (["--latent-dim", "8"], "was trained with --latent-dim 32, but this run asks for 8"),
+                            (["--seed", "0"], "was trained with --seed 3, but this run asks for 0"),
+                            (["--batch-size", "8"], "was trained with --batch-size 16, but this run asks for 8"),
+                            (["--data", tmp_path / "other.h5"], f"was trained with --data {argv['dense'][3]}, but")):
+        assert_clean_error(*run_main(resume + extra, capsys)[::2], fragment)
     assert_clean_error(*run_main(argv["fullyconv"] + ["--evaluate", "--latent-channels", "4"], capsys)[::2],
-                       "holds a model with latent_channels 8, but this run asks for 4")
+                       "was trained with --latent-channels 8, but this run asks for 4")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -611,7 +684,7 @@ def test_help_states_the_defaults_and_the_file_reads_as_a_tutorial(capsys):
     assert all(d in text for d in ("(default: 128)", "(default: 0.002)", "(default: 4000)", "(default: learned)",
                                    "(default: 24 dense, 20 fullyconv)", "(default: 16 32 64 128)"))
     assert "(default: None)" not in text
-    assert [vae.parse_args(["--arch", a]).epochs for a in vae.ARCHS] == [24, 20]
+    assert [vae.with_defaults(vae.parse_args(["--arch", a])).epochs for a in vae.ARCHS] == [24, 20]
     source = (HERE / "vae.py").read_text()
     banners = [source.index(f"\n# Part {k}: ") for k in (1, 2, 3)]
     assert banners == sorted(banners) and banners[0] < source.index("You can stop here") < banners[1]
