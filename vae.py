@@ -11,12 +11,13 @@ Part 2, beyond it: a prior learned from the codes after training, which makes ra
 Part 3, measuring and plumbing: the stand-in, realism scores, reports, files, the command line.
 """
 import argparse
+import copy
 import json
 import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -52,9 +53,16 @@ def downsample_majority(x):
     return ((votes >= 3) | ((votes == 2) & (block[:, :, :, 0, :, 0] == 1))).to(torch.uint8)
 
 
+def as_images(a, size):
+    """0/1 numpy images (N, S, S, 1) or (N, S, S) -> uint8 (N, 1, size, size); S = 2 * size
+    is halved by the vote above, S = size kept as it is."""
+    x = torch.from_numpy(a.astype(np.uint8).reshape(len(a), 1, *a.shape[1:3]))
+    return downsample_majority(x) if x.shape[-1] > size else x
+
+
 def load_images(path, size=64, chunk=2000):
-    """HDF5 'train_images' (N, S, S, 1) or (N, S, S) of 0/1 -> uint8 (N, 1, size, size), read
-    in chunks. S = 2 * size is halved by the vote above; S = size is read as it is."""
+    """HDF5 'train_images' (N, S, S, 1) or (N, S, S) of 0/1, S = size or 2 * size -> uint8
+    (N, 1, size, size), read in chunks."""
     try:
         f = h5py.File(path, "r")
     except FileNotFoundError:
@@ -76,14 +84,13 @@ def load_images(path, size=64, chunk=2000):
         out = torch.empty((len(d), 1, size, size), dtype=torch.uint8)
         for i in range(0, len(d), chunk):
             try:
-                a = d[i:i + chunk].reshape(-1, 1, s, s)
+                a = d[i:i + chunk]
             except (OSError, ValueError) as e:
                 raise DataError(f"{path}: not a readable HDF5 file from image {i} ({e})") from None
             if not ((a == 0) | (a == 1)).all():
                 found = np.unique(a[(a != 0) & (a != 1)])[:5].tolist()
                 raise DataError(f"{path}: the data must be binary (0/1); found {found}")
-            x = torch.from_numpy(a.astype(np.uint8))
-            out[i:i + len(x)] = downsample_majority(x) if s > size else x
+            out[i:i + len(a)] = as_images(a, size)
     return out
 
 
@@ -177,11 +184,11 @@ ARCHS = {"dense": DenseVAE, "fullyconv": FullyConvVAE}
 # appendix B). Summed, both are in nats (natural-log units) per image. beta weights the KL.
 
 def reparameterize(mu, logvar, generator=None):
-    """z = mu + sigma * eps, eps ~ N(0, I): a sample of q(z|x) that gradients flow through
-    to mu and logvar. -> (z, eps), both shaped like mu."""
+    """z = mu + sigma * eps, eps ~ N(0, I): a sample of q(z|x), shaped like mu, that gradients
+    flow through to mu and logvar."""
     eps = torch.randn_like(mu) if generator is None else \
         torch.randn(mu.shape, generator=generator).to(mu)
-    return mu + eps * torch.exp(0.5 * logvar), eps
+    return mu + eps * torch.exp(0.5 * logvar)
 
 
 def bernoulli_nll(logits, x):
@@ -195,11 +202,19 @@ def gaussian_kl(mu, logvar):
     return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).flatten(1).sum(1)
 
 
+def neg_elbo(model, x, beta=1.0):
+    """x (B, 1, S, S) in {0, 1} -> (loss, rec, kl), each the batch mean in nats per image."""
+    mu, logvar = model.encode(x)                      # (B, *latent_shape) each
+    z = reparameterize(mu, logvar)                    # (B, *latent_shape)
+    logits = model.decode(z)                          # (B, 1, S, S)
+    rec, kl = bernoulli_nll(logits, x).mean(), gaussian_kl(mu, logvar).mean()
+    return rec + beta * kl, rec, kl
+
+
 class StandardNormal(nn.Module):
-    """The prior p(z) = N(0, I), for drawing latents. A draw is Gaussian noise u that to_z
-    turns into a latent; to_u gives a latent's noise back. For N(0, I) both are the identity
-    (not so for the prior that Part 2 learns). The ELBO's KL is always against N(0, I)
-    (gaussian_kl below): a prior object only draws."""
+    """p(z) = N(0, I), the prior that draws new images. A draw starts as Gaussian noise u, and
+    to_z(u) is its latent; to_u(z) gives back the noise of a latent (as interpolation needs).
+    Here both are the identity, z = u; Part 2 learns a prior whose map is not."""
     name = "gaussian"
     title = "N(0, I)"
 
@@ -208,33 +223,6 @@ class StandardNormal(nn.Module):
 
     def to_u(self, z):
         return z
-
-
-def neg_elbo(model, x, beta=1.0, bf16=False):
-    """x (B, 1, S, S) in {0, 1} -> (loss, rec, kl), each the batch mean in nats per image."""
-    # bf16=True runs the encoder's and decoder's layers in bfloat16 (faster where the hardware
-    # has it); their outputs go back to fp32, so z, the KL and the sums over pixels are fp32.
-    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with amp:
-        mu, logvar = model.encode(x)                  # (B, *latent_shape) each
-    mu, logvar = mu.to(x.dtype), logvar.to(x.dtype)
-    z = reparameterize(mu, logvar)[0]                 # (B, *latent_shape)
-    with amp:
-        logits = model.decode(z)                      # (B, 1, S, S)
-    rec = bernoulli_nll(logits.to(x.dtype), x).mean()
-    kl = gaussian_kl(mu, logvar).mean()
-    return rec + beta * kl, rec, kl
-
-
-def train_step(model, opt, x, beta, lr, bf16=False):
-    """One Adam step on a batch x (B, 1, S, S) -> (loss, rec, kl) before the step."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-    loss, rec, kl = neg_elbo(model, x, beta, bf16)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss, rec, kl
 
 
 def build_model(arch, size=64, **kwargs):
@@ -259,6 +247,38 @@ def split(images, seed, val_fraction=0.1):
 def to_float(batch, device):
     """uint8 (B, 1, S, S) -> float32 on the device, laid out as fast convolutions want it."""
     return batch.to(device).float().contiguous(memory_format=torch.channels_last)
+
+
+def adam_step(opt, loss, lr):
+    """One step of the optimizer on loss at learning rate lr (every fit in this file)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def train_step(model, opt, x, beta, lr, bf16=False):
+    """One Adam step on the -ELBO of a batch x (B, 1, S, S) -> (loss, rec, kl) before it.
+    bf16: autocast runs the convolutions and linear layers in bfloat16, twice as fast where the
+    hardware has it; the cross-entropy stays fp32 (autocast's own rule) and bf16 needs no loss
+    scaling (it has fp32's range)."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        loss, rec, kl = neg_elbo(model, x, beta)
+    adam_step(opt, loss, lr)
+    return loss, rec, kl
+
+
+def every(seconds):
+    """A clock for progress lines: the function it returns is True once per `seconds`."""
+    last = [time.perf_counter()]
+
+    def due():
+        if time.perf_counter() - last[0] < seconds:
+            return False
+        last[0] = time.perf_counter()
+        return True
+    return due
 
 
 BATCH_SIZE = 128
@@ -318,7 +338,7 @@ def train(model, train_x, val_x, device, epochs, batch_size=BATCH_SIZE, lr=LR, b
         torch.set_rng_state(resume["rng"])
         torch.cuda.set_rng_state_all(resume["rng_cuda"])
         history, total = resume["history"], resume["schedule_steps"]
-    t_log = time.perf_counter()
+    progress = every(30)
     model.train()
     for epoch in range(len(history["epoch"]), epochs):
         # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
@@ -333,10 +353,9 @@ def train(model, train_x, val_x, device, epochs, batch_size=BATCH_SIZE, lr=LR, b
             b, r = beta_at(i, round(warmup * steps), beta), lr_at(i, total, lr)
             x = to_float(train_x[order[s * batch_size:(s + 1) * batch_size]], device)
             sums += torch.stack(train_step(model, opt, x, b, r, bf16)[1:]).detach()
-            if time.perf_counter() - t_log > 30:                # progress every 30 s
+            if progress():
                 rec, kl = read_means(sums, s + 1, epoch)
-                t_log = time.perf_counter()
-                rate = (s + 1) * batch_size / (t_log - t0)     # img/s in this epoch
+                rate = (s + 1) * batch_size / (time.perf_counter() - t0)     # img/s this epoch
                 left = (steps * epochs - i - 1) * batch_size / rate / 60
                 log(f"epoch {epoch + 1}/{epochs} step {s + 1}/{steps}  rec {rec:6.1f}  kl "
                     f"{kl:5.1f}  {rate:4.0f} img/s  ETA {left:.1f} min")
@@ -356,22 +375,31 @@ def train(model, train_x, val_x, device, epochs, batch_size=BATCH_SIZE, lr=LR, b
 
 
 # ----------------------------------------------------------------------------- samples
-# The product: new images from random latents z = prior.to_z(u), u ~ N(0, I), decoded.
+# The product: new images from random latents. A draw is Gaussian noise u, its latent
+# z = prior.to_z(u), and the decoder's probability of channel at each pixel; its facies image
+# takes each pixel's more likely facies (channel where the probability is at least 0.5).
 
 @torch.no_grad()
-def sample_latents(model, n, generator=None, grid=None):
-    """n latents from the model's prior -> (n, *latent_shape) on the model's device. grid
-    (fullyconv only): another latent grid, e.g. (8, 8) for a field twice as wide and tall."""
-    shape = model.latent_shape if grid is None else (model.latent_shape[0], *grid)
-    u = torch.randn(n, *shape, generator=generator).to(next(model.parameters()).device)
-    return model.prior.to_z(u)
-
-
-@torch.no_grad()
-def decode_probs(model, z, device, batch_size=500):
-    """Decoder probabilities for latents z (N, *latent) -> (N, 1, S, S) float on the device."""
+def decode_probs(model, z, batch_size=500):
+    """Decoder probabilities for latents z (N, *latent) -> (N, 1, S, S) on the model's device."""
+    device = next(model.parameters()).device
     return torch.cat([torch.sigmoid(model.decode(z[i:i + batch_size].to(device)))
                       for i in range(0, len(z), batch_size)])
+
+
+@torch.no_grad()
+def draw(model, n, generator=None, grid=None, prior=None):
+    """n new images -> decoder probabilities (n, 1, S, S) on the model's device. prior: one
+    other than the model's own, through the same decoder; grid (fullyconv only): another
+    latent grid, e.g. (8, 8) for fields twice as wide and tall."""
+    shape = model.latent_shape if grid is None else (model.latent_shape[0], *grid)
+    u = torch.randn(n, *shape, generator=generator).to(next(model.parameters()).device)
+    return decode_probs(model, (prior or model.prior).to_z(u))
+
+
+def facies(probs):
+    """Decoder probabilities -> uint8 images of 0 and 1, each pixel its more likely facies."""
+    return (probs >= 0.5).to(torch.uint8)
 
 
 def slerp(u0, u1, steps):
@@ -390,13 +418,11 @@ def slerp(u0, u1, steps):
 
 
 @torch.no_grad()
-def interpolate(model, ends, steps, device):
-    """Decoded paths in the prior's Gaussian noise u between latents: ends (2, P, *latent), P
-    starts and P ends -> probabilities (steps, P, 1, S, S)."""
-    u = model.prior.to_u(ends.flatten(0, 1).to(device)).view(ends.shape)
-    path = slerp(u[0], u[1], steps)                                 # (steps, P, *latent)
-    z = model.prior.to_z(path.flatten(0, 1))
-    return decode_probs(model, z, device).view(steps, ends.shape[1], 1, model.size, model.size)
+def interpolate(model, u0, u1, steps):
+    """Decoded great-circle paths between the prior's noises u0 and u1 (P, *latent) each ->
+    probabilities (steps, P, 1, S, S)."""
+    z = model.prior.to_z(slerp(u0, u1, steps).flatten(0, 1))      # (steps * P, *latent)
+    return decode_probs(model, z).view(steps, len(u0), 1, model.size, model.size)
 
 
 def show_grid(rows, title, row_labels=None, panel=1.3, panel_titles=None):
@@ -425,16 +451,17 @@ def sample_figures(model, val_x, device, note, seed=0):
     """-> {"samples.png": 48 prior draws, "interpolation.png": paths between latents}"""
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    probs = decode_probs(model, sample_latents(model, 48, g), device)        # (48, 1, S, S)
+    probs = draw(model, 48, g)                                               # (48, 1, S, S)
     title = f"{note}: decoder probabilities of 48 draws from {model.prior.title}"
     samples = show_grid(list(probs.view(6, 8, *probs.shape[1:])), title)
 
-    # held-out image r -> held-out image k + r (ends shown), then two pairs of prior draws
+    # held-out image r -> held-out image k + r (ends shown), then two pairs of prior draws;
+    # a held-out image's noise is that of its posterior mean, to_u(mu)
     k = min(4, len(val_x) // 2)
-    z_held = model.encode(to_float(val_x[:2 * k], device))[0].view(2, k, *model.latent_shape)
-    z_prior = sample_latents(model, 4, g).view(2, 2, *model.latent_shape)
-    ends = torch.cat([z_held, z_prior], 1)                                 # (2, k + 2, *latent)
-    frames = interpolate(model, ends, 10, device).cpu()                    # (10, k + 2, 1, S, S)
+    u_held = model.prior.to_u(model.encode(to_float(val_x[:2 * k], device))[0])  # (2k, *latent)
+    u_new = torch.randn(4, *model.latent_shape, generator=g).to(device)
+    starts, ends = torch.cat([u_held[:k], u_new[:2]]), torch.cat([u_held[k:], u_new[2:]])
+    frames = interpolate(model, starts, ends, 10).cpu()                    # (10, k + 2, 1, S, S)
     rows = [frames[:, r] for r in range(k + 2)]
     for r in range(k):
         rows[r] = torch.cat([val_x[r:r + 1].float(), rows[r], val_x[k + r:k + r + 1].float()])
@@ -466,8 +493,12 @@ def sample_figures(model, val_x, device, note, seed=0):
 # Take the code z1 ~ q(z|x) of a training image, noise z0 ~ N(0, I) and a time t in (0, 1):
 # along the straight line z_t = (1 - t) z0 + t z1 a point moves with velocity z1 - z0, so
 #   loss = || v(z_t, t) - (z1 - z0) ||^2        summed over the latent, averaged over a batch
-# The best v is, at each (z_t, t), the mean velocity of the lines through it, and that field
-# carries all of N(0, I) onto all of q(z) (Lipman et al., theorem 1). t is drawn logit-normal
+# Why that learns the prior, in two steps. A squared error is least at the conditional mean,
+# so the best v(z, t) is E[z1 - z0 | z_t = z], the mean velocity of all lines through z at t.
+# The density p_t of z_t moves as its lines carry it: dp_t/dt = -div(p_t v) with that same
+# mean velocity (the continuity equation), which is also how an ODE dz/dt = v moves a density;
+# so the ODE carries p_0 = N(0, I) through every p_t to p_1 = q(z) (Lipman et al., theorem 1).
+# The loss never reaches 0: lines from many (z0, z1) cross each point. t is drawn logit-normal
 # (the sigmoid of a N(0, 1) number), which trains the middle of the path most, where a draw's
 # layout is decided (Esser et al. 2024); here it drew fewer broken channels than uniform t.
 # No term looks at the images: the prior learns from the codes alone, whatever the channels
@@ -475,33 +506,39 @@ def sample_figures(model, val_x, device, note, seed=0):
 # mean of the slopes at its two ends: second order, so few steps); run backwards it maps a
 # code to its u, up to the solver's error, so interpolation and ES-MDA still work on Gaussian
 # u. v is an MLP for the dense latent and 3x3 convolutions for the fullyconv one (no dense
-# layer, any grid), with t fed to every hidden layer as sin/cos features (channels on a grid).
-# The loss never reaches 0: lines from many (z0, z1) cross each point, and v learns their mean.
+# layer, any grid).
 PRIOR_HIDDEN = {"dense": 512, "fullyconv": 64}      # width of v's layers (channels on a grid)
 PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (a grid code has 16 cells)
-PRIOR_DEPTH = 4                                      # residual layers
+PRIOR_DEPTH = 4                                      # residual blocks
 PRIOR_STEPS = 4000                                   # Adam steps of the fit
+PRIOR_LR = 3e-3                                      # its peak learning rate
 ODE_STEPS = 10                                       # Heun steps, two evaluations of v each
 
 
 class Velocity(nn.Module):
-    """v(z, t): (B, C, *grid) and (B,) -> (B, C, *grid), grid = () for dense."""
+    """v(z, t): (B, C, *grid) and (B,) -> (B, C, *grid), grid = () for dense. Residual blocks,
+    each normalized (GroupNorm: steady steps at a high learning rate) and told the time by a
+    scale and shift of its features, made from sin/cos features of t (FiLM; on a grid, a 1x1
+    convolution of the time features laid over every cell: no dense layer there either)."""
 
     def __init__(self, channels, hidden, depth, spatial, freqs=8):
         super().__init__()
-        layer = (lambda a, b: nn.Conv2d(a, b, 3, 1, 1)) if spatial else nn.Linear
+        layer = (lambda a, b, k=3: nn.Conv2d(a, b, k, 1, k // 2)) if spatial else \
+            (lambda a, b, k=None: nn.Linear(a, b))
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(freqs))     # (T/2,)
-        self.first = layer(channels + 2 * freqs, hidden)
-        self.blocks = nn.ModuleList(layer(hidden + 2 * freqs, hidden) for _ in range(depth))
-        self.last = layer(hidden, channels)
+        self.first, self.last = layer(channels, hidden), layer(hidden, channels)
+        self.norms = nn.ModuleList(nn.GroupNorm(8, hidden) for _ in range(depth))
+        self.films = nn.ModuleList(layer(2 * freqs, 2 * hidden, 1) for _ in range(depth))
+        self.blocks = nn.ModuleList(layer(hidden, hidden) for _ in range(depth))
 
     def forward(self, z, t):
         f = t.view(-1, 1) * self.freqs                                       # (B, T/2)
         f = torch.cat([f.sin(), f.cos()], 1).view(len(z), -1, *[1] * (z.dim() - 2))
         f = f.expand(-1, -1, *z.shape[2:])                                   # (B, T, *grid)
-        h = self.first(torch.cat([z, f], 1))                                 # (B, hidden, *grid)
-        for block in self.blocks:
-            h = h + block(torch.cat([F.silu(h), f], 1))
+        h = self.first(z)                                                    # (B, hidden, *grid)
+        for norm, film, block in zip(self.norms, self.films, self.blocks):
+            scale, shift = film(f).chunk(2, 1)                               # (B, hidden, *grid)
+            h = h + block(F.silu(norm(h) * (1 + scale) + shift))
         return self.last(F.silu(h))                                          # (B, C, *grid)
 
 
@@ -540,32 +577,27 @@ def encode_all(model, images, device, batch_size=500):
     return torch.cat([m for m, _ in out]), torch.cat([v for _, v in out])
 
 
-def flow_matching_loss(prior, mu, logvar, batch_size, bf16=False):
+def flow_matching_loss(prior, mu, logvar, batch_size):
     """The loss above on a batch of codes z1 ~ q(z|x) = N(mu, exp(logvar)), drawn from the
     codes of all training images, mu and logvar (N, *latent) -> a scalar."""
     i = torch.randint(len(mu), (batch_size,), device=mu.device)
-    z1 = reparameterize(mu[i], logvar[i])[0]                        # (B, *latent)
+    z1 = reparameterize(mu[i], logvar[i])                           # (B, *latent)
     z0 = torch.randn_like(z1)                                       # noise
     t = torch.sigmoid(torch.randn(batch_size, device=mu.device))   # (B,), logit-normal
     t_ = t.view(-1, *[1] * (z1.dim() - 1))
-    with torch.autocast(mu.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-        v = prior.velocity((1 - t_) * z0 + t_ * z1, t)
+    v = prior.velocity((1 - t_) * z0 + t_ * z1, t)
     return (v.float() - (z1 - z0)).pow(2).flatten(1).sum(1).mean()
 
 
-def fit_prior(prior, mu, logvar, steps, batch_size, lr=1e-3, bf16=False, log=print):
-    """Adam on flow_matching_loss -> the prior, fitted."""
-    opt = torch.optim.Adam(prior.parameters(), lr=lr)
-    t_log = time.perf_counter()
+def fit_prior(prior, mu, logvar, steps, batch_size, lr=PRIOR_LR, bf16=False, log=print):
+    """Adam on flow_matching_loss, with Part 1's learning-rate schedule -> the prior, fitted.
+    bf16: the velocity's layers in bfloat16, as in train_step."""
+    opt, progress = torch.optim.Adam(prior.parameters()), every(30)
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)                   # Part 1's ramp and decay
-        loss = flow_matching_loss(prior, mu, logvar, batch_size, bf16)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if time.perf_counter() - t_log > 30 or step + 1 == steps:   # reads the loss: a sync
-            t_log = time.perf_counter()
+        with torch.autocast(mu.device.type, torch.bfloat16, enabled=bf16):
+            loss = flow_matching_loss(prior, mu, logvar, batch_size)
+        adam_step(opt, loss, lr_at(step, steps, lr))
+        if progress() or step + 1 == steps:                    # reading the loss is a sync
             log(f"fitting the prior: step {step + 1}/{steps}  loss {loss.item():.2f}")
     return prior
 
@@ -638,14 +670,11 @@ def condition_on_wells(model, truth, device, n_wells=16, members=MEMBERS, obs_sd
 
 
 def ensemble_report(probs, wells, obs):
-    """How well an ensemble of decoder probabilities (N, 1, S, S) honours the wells, and what
-    its members look like (thresholded at 0.5)."""
-    m = (probs >= 0.5).to(torch.uint8)
-    pieces, spanning = pieces_and_spanning(m[:, 0].bool())            # Part 3
-    spread = torch.pdist(m.flatten(1).float(), p=0).mean().item()    # mean Hamming distance
+    """How the facies of an ensemble (decoder probabilities (N, 1, S, S)) honour the wells
+    (K, 2) of observations obs (K,), their counts (Part 3), and their mean Hamming distance."""
+    m = facies(probs)
     return {"wells_honoured": (m[:, 0, wells[:, 0], wells[:, 1]] == obs).float().mean().item(),
-            "proportion": m.float().mean().item(), "pieces": pieces.float().mean().item(),
-            "spanning": spanning.float().mean().item(), "spread": spread}
+            **counts(m), "spread": torch.pdist(m.flatten(1).float(), p=0).mean().item()}
 
 
 def conditioning_study(model, val_x, device, n_wells=16, seed=0, log=print):
@@ -663,16 +692,16 @@ def conditioning_study(model, val_x, device, n_wells=16, seed=0, log=print):
         cases.append({"held_out_index": idx, "prior": prior, "posterior": post,
                       "truth_proportion": val_x[idx].float().mean().item(),
                       "spread_ratio": post["spread"] / max(prior["spread"], 1)})  # in pixels
-        members.append((res["posterior"] >= 0.5).to(torch.uint8))
+        members.append(facies(res["posterior"]))
         if i == 0:
             first = (val_x[idx], res)                                 # for the figure
         log(f"truth {i + 1}/{len(pick)}: wells honoured {prior['wells_honoured']:.2f} -> "
             f"{post['wells_honoured']:.2f}, pieces {prior['pieces']:.2f} -> {post['pieces']:.2f}")
     summary = {"truths": len(cases), "wells": n_wells, "members": MEMBERS, "obs_sd": OBS_SD,
                "assimilations": ASSIMILATIONS, "prior": model.prior.name}
-    for ens in ("prior", "posterior"):
-        for key in ("wells_honoured", "pieces", "spanning", "proportion"):
-            summary[f"{ens}_{key}"] = float(np.mean([c[ens][key] for c in cases]))
+    for ens in ("prior", "posterior"):                     # each ensemble's means over truths
+        summary.update({f"{ens}_{k}": float(np.mean([c[ens][k] for c in cases]))
+                        for k in cases[0][ens]})
     summary["spread_ratio"] = float(np.mean([c["spread_ratio"] for c in cases]))
     # the members' net-to-gross over the truths' (1 = unbiased)
     summary["posterior_proportion_over_truth"] = (
@@ -687,7 +716,7 @@ def conditioning_figure(truth, res, title):
     channel, white squares in background."""
     rows, titles = [], []
     for name in ("prior", "posterior"):
-        m = (res[name] >= 0.5).float()                                  # (N, 1, S, S)
+        m = facies(res[name]).float()                                   # (N, 1, S, S)
         rows.append(torch.cat([truth[None].float(), m.mean(0, keepdim=True),
                                2 * m.std(0, keepdim=True), m[:4]]))
         titles.append(["truth and wells", f"{name}: mean", f"{name}: sd x 2",
@@ -828,8 +857,7 @@ def real_reference(size):
     if not REAL_REFERENCE.is_file():
         print(f"{REAL_REFERENCE} not found: the 13 real images are left out")
         return None
-    x = torch.from_numpy(np.load(REAL_REFERENCE)["images"]).permute(0, 3, 1, 2).contiguous()
-    return downsample_majority(x) if size < x.shape[-1] else x
+    return as_images(np.load(REAL_REFERENCE)["images"], size)
 
 
 def get_data(path, size, log=print):
@@ -847,13 +875,87 @@ def get_data(path, size, log=print):
 # ----------------------------------------------------------------------------- realism scores
 # Two questions are asked of a set of generated images. Can they be told from data? A
 # classifier two-sample test (C2ST; Lopez-Paz & Oquab 2017) trains a small CNN to tell N of
-# them from N held-out images on 3/4 of the two sets and scores it on the other 1/4: 0.5
-# means it cannot tell them apart, 1.0 that it always can. It judges whole images, with no
-# feature chosen for channels; the mean over C2ST_SEEDS seeds (split and weights) is
-# reported. And do they have the data's numbers? The counts a geologist reads: channel
-# proportion (net-to-gross), separate channel bodies, bodies that cross the image top to
-# bottom as flow paths do, channel width, and the share of nearly empty images.
-C2ST_SEEDS = 3
+# them from N reference images, and scores each image once by cross-fitting: the 2N images
+# are cut into two folds, a classifier trained on one fold labels the other, and the other
+# way round (each trains until its loss on a fifth of its fold, held back, stops falling). The
+# score is the share labelled right: 0.5 when the classifier finds nothing to tell the sets
+# apart by, 1.0 when it always can; over 2N labels its 95% interval is +-1.96 sqrt(p(1-p)/2N).
+# Why it can be trusted: it judges whole images, with no feature chosen for channels; it is
+# translation-invariant (3x3 convolutions, then each feature's mean and maximum over the whole
+# image), so a break anywhere in a channel counts as much as anywhere else; a test shows that
+# it tells images with one channel cut by a 3-pixel gap from intact ones; two sets of data
+# score 0.5 within the interval and N(0, I) draws nearly 1. It bounds from below: the best
+# possible classifier is right 1/2 + TV/2 of the time (TV: the total variation distance of the
+# two distributions), so a score near 0.5 says that this classifier found no difference, not
+# that none exists. The reference shares no layout with training where the data allow (the
+# stand-in: images of a new seed), so that copying training images earns nothing.
+# And do they have the data's numbers? The counts a geologist reads: channel proportion
+# (net-to-gross), separate channel bodies, bodies that cross the image top to bottom as flow
+# paths do, channel width, and the share of nearly empty images.
+C2ST_WIDTHS = (8, 16, 32, 64)          # the classifier's channels, one stage per halving
+
+
+class Critic(nn.Module):
+    """The C2ST's classifier: (B, 1, S, S) -> one logit per image (B,), "the second set".
+    Each stage is a 3x3 convolution, then 2x2 max-pooling (but the last), batch norm and ReLU
+    (pooling first halves the work at full size; the maximum commutes with ReLU)."""
+
+    def __init__(self, widths=C2ST_WIDTHS):
+        super().__init__()
+        chans, layers = [1, *widths], []
+        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
+            layers += [nn.Conv2d(a, b, 3, 1, 1, bias=False)]
+            layers += [nn.MaxPool2d(2)] if i < len(widths) - 1 else []
+            layers += [nn.BatchNorm2d(b), nn.ReLU()]
+        self.features = nn.Sequential(*layers)             # (B, widths[-1], S/8, S/8)
+        self.out = nn.Linear(2 * widths[-1], 1)
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.out(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))[:, 0]
+
+
+@torch.enable_grad()                    # also when called from evaluation under no_grad
+def c2st(a, b, device, seed=0, batch_size=64, lr=2e-3, patience=5, max_epochs=30, bf16=False):
+    """The C2ST of binary images a and b (N, 1, S, S) -> (accuracy, half-width of its 95%
+    interval), both floats."""
+    n = min(len(a), len(b))
+    x = torch.cat([a[:n], b[:n]]).to(device)
+    y = (torch.arange(2 * n, device=device) >= n).float()            # 1: an image of b
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.randperm(2 * n, generator=g).to(device) % 2
+    right = 0.0
+    for k in (0, 1):
+        test, rest = torch.nonzero(fold == k)[:, 0], torch.nonzero(fold != k)[:, 0]
+        rest = rest[torch.randperm(len(rest), generator=g).to(device)]
+        held, fit = rest[:len(rest) // 5], rest[len(rest) // 5:]
+        with torch.random.fork_rng(devices=[]):      # its own seed, the global one untouched
+            torch.manual_seed(seed + k)
+            net = Critic().to(device, memory_format=torch.channels_last)
+        opt = torch.optim.Adam(net.parameters())
+
+        def logits(i):                                             # (len(i),) in fp32
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+                return net(to_float(x[i], device)).float()
+        best, waited, state = math.inf, 0, net.state_dict()
+        for epoch in range(max_epochs):
+            net.train()
+            order = fit[torch.randperm(len(fit), generator=g).to(device)]
+            for i in order[:len(order) // batch_size * batch_size].view(-1, batch_size):
+                adam_step(opt, F.binary_cross_entropy_with_logits(logits(i), y[i]), lr)
+            net.eval()
+            with torch.no_grad():
+                loss = F.binary_cross_entropy_with_logits(logits(held), y[held]).item()
+            if loss < best:
+                best, waited, state = loss, 0, copy.deepcopy(net.state_dict())
+            elif (waited := waited + 1) == patience:
+                break
+        net.load_state_dict(state)
+        with torch.no_grad():
+            said = torch.cat([logits(i) for i in test.split(500)]) > 0
+            right += (said == (y[test] > 0)).sum().item()
+    p = right / (2 * n)
+    return p, 1.96 * math.sqrt(p * (1 - p) / (2 * n))
 
 
 def horizontal_runs(m):
@@ -934,37 +1036,6 @@ def counts(x):
             "near-empty": float((stats["proportion"] < 0.05).mean())}
 
 
-@torch.enable_grad()                    # also when called from evaluation under no_grad
-def c2st(a, b, device, seed=0, epochs=10, batch_size=128, lr=2e-3):
-    """Binary images a and b (N, 1, S, S) -> the accuracy, on the 1/4 of them held back, of a
-    CNN trained to tell them apart (Part 1's encoder trunk, then one linear output), 0-d."""
-    n, size = min(len(a), len(b)), a.shape[-1]
-    x, y = torch.cat([a[:n], b[:n]]).to(device), torch.arange(2 * n, device=device) >= n
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(2 * n, generator=g).to(device)
-    held, fit = order[:n // 2], order[n // 2:]
-    with torch.random.fork_rng(devices=[]):          # its own seed, the global one untouched
-        torch.manual_seed(seed)
-        widths = (8, 16, 32, 64)
-        net = nn.Sequential(encoder_trunk(widths), nn.Flatten(),
-                            nn.Linear(widths[-1] * (size // 16) ** 2, 1)).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    batch_size = min(batch_size, len(fit))
-    per_epoch = len(fit) // batch_size
-    for step in range(epochs * per_epoch):
-        if step % per_epoch == 0:
-            perm = fit[torch.randperm(len(fit), generator=g).to(device)]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, epochs * per_epoch, lr)
-        i = perm[step % per_epoch * batch_size:][:batch_size]
-        loss = F.binary_cross_entropy_with_logits(net(to_float(x[i], device))[:, 0], y[i].float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return (net.eval()(to_float(x[held], device))[:, 0] > 0).eq(y[held]).float().mean()
-
-
 def hamming(a, b):
     """Pairwise Hamming distances between binary images: (A, ...) x (B, ...) -> (A, B).
     |a - b| = |a| + |b| - 2 a.b, so one matrix product does all pairs."""
@@ -997,23 +1068,26 @@ def memorisation(x, train_x, held_px):
 
 def reconstruct(model, images, device):
     """uint8 images (N, 1, S, S) -> decoder probabilities at their posterior means."""
-    return decode_probs(model, encode_all(model, images, device)[0], device)
+    return decode_probs(model, encode_all(model, images, device)[0])
 
 
 def recon_accuracy(model, images, device):
     """The share of pixels that the reconstruction, thresholded at 0.5, gets right."""
     x = images.to(device).bool()
-    return ((reconstruct(model, images, device) >= 0.5) == x).float().mean().item()
+    return (facies(reconstruct(model, images, device)) == x).float().mean().item()
 
 
 @torch.no_grad()
-def evaluate(model, train_x, val_x, device, n=2000, seed=0, real=None):
-    """The metrics of a trained model -> dict (metrics.json). val_x should hold 2n images: the
-    first n are the data every set of n images is compared with."""
+def evaluate(model, train_x, val_x, device, n=2000, seed=0, real=None, reference=None,
+             bf16=False):
+    """The metrics of a trained model -> dict (metrics.json). val_x should hold 2n images:
+    the first n give the -ELBO and reconstruction, the other n are the "data" set. Every set
+    of n images is compared with reference (n images; None: the first n of val_x)."""
     model.eval()
     torch.manual_seed(seed)
     n = min(n, len(val_x) // 2)
     held, other = val_x[:n].to(device), val_x[n:2 * n].to(device)   # the scores run there
+    reference = held if reference is None else reference[:n].to(device)
     neg, rec, kl = validate(model, held, device, 1.0)               # nats per image
     mu, logvar = encode_all(model, other, device)
     out = {"n": n, "prior": model.prior.name, "neg_elbo": neg, "elbo_rec": rec, "elbo_kl": kl,
@@ -1022,26 +1096,23 @@ def evaluate(model, train_x, val_x, device, n=2000, seed=0, real=None):
            # a latent number is active if its posterior mean moves with the image (Burda et
            # al. 2015); one that the decoder ignores stays at the prior whatever the image
            "active_units": int((mu.flatten(1).var(0) > 0.01).sum()), "latent_dim": mu[0].numel()}
-    # the sets compared with the data: draws of the model's prior and, on the same decoder,
-    # of N(0, I); "codes", z ~ q(z|x) of the other held-out images decoded, what a prior that
-    # matched the codes exactly would give (the decoder's best case); "data", those images
+    # the sets compared with the reference: draws of the model's prior and, through the same
+    # decoder, of N(0, I); "codes", z ~ q(z|x) of the other held-out images decoded, what a
+    # prior that matched the codes exactly would give (the decoder's best case); "data"
     g = torch.Generator().manual_seed(seed)
     priors = {p.name: p for p in (model.prior, StandardNormal())}     # one, for N(0, I) models
-    latents = {name: p.to_z(torch.randn(n, *model.latent_shape, generator=g).to(device))
-               for name, p in priors.items()}
-    sets = {name: (decode_probs(model, z, device) >= 0.5).to(torch.uint8) for name, z in
-            {**latents, "codes": reparameterize(mu, logvar, g)[0]}.items()}
+    sets = {name: facies(draw(model, n, g, prior=p)) for name, p in priors.items()}
+    sets.update(codes=facies(decode_probs(model, reparameterize(mu, logvar, g))), data=other)
     held_px = nearest(held, train_x)[0].median().item()      # pixels to the nearest one
     out["scores"] = {}
-    for name, x in {**sets, "data": other}.items():
-        tests = [c2st(x, held, device, s).item() for s in range(C2ST_SEEDS)]
+    for name, x in sets.items():
+        p, half = c2st(x, reference, device, seed, bf16=bf16)
         ratio, near = memorisation(x, train_x, held_px)
-        out["scores"][name] = {"c2st": float(np.mean(tests)), "c2st_seeds": tests, **counts(x),
+        out["scores"][name] = {"c2st": p, "c2st_95": [p - half, p + half], **counts(x),
                                "nearest_px": near, "memorisation": ratio}
     if len(model.latent_shape) > 1:        # fullyconv: fields twice as wide and tall
-        c, h, w = model.latent_shape
-        u = torch.randn(n // 4, c, 2 * h, 2 * w, generator=g).to(device)
-        out["large_field"] = counts(decode_probs(model, model.prior.to_z(u), device) >= 0.5)
+        grid = [2 * k for k in model.latent_shape[1:]]
+        out["large_field"] = counts(facies(draw(model, n // 4, g, grid)))
     return out
 
 
@@ -1062,7 +1133,7 @@ def more_figures(model, train_x, val_x, history, out, device, note, real=None, s
     # copying check: prior samples (thresholded) above their nearest training images, and
     # held-out images above theirs, for scale (the data hold shifted near-copies)
     g = torch.Generator().manual_seed(seed)
-    samples = (decode_probs(model, sample_latents(model, 8, g), device) >= 0.5).to(torch.uint8)
+    samples = facies(draw(model, 8, g))
     (ds, js), (dh, jh) = nearest(samples, train_x), nearest(val_x[:8].to(device), train_x)
     fig = show_grid([samples, train_x[js], val_x[:8], train_x[jh]],
                     f"{note}\neach prior sample and held-out image above its nearest training "
@@ -1074,7 +1145,7 @@ def more_figures(model, train_x, val_x, history, out, device, note, real=None, s
 
     if len(model.latent_shape) > 1:        # only a fully convolutional decoder can do this
         c, h, w = model.latent_shape
-        fields = decode_probs(model, sample_latents(model, 6, g, grid=(2 * h, 2 * w)), device)
+        fields = draw(model, 6, g, grid=(2 * h, 2 * w))
         fig = show_grid([fields[:3], fields[3:]], f"{note}: six {fields.shape[-1]}x"
                         f"{fields.shape[-1]} fields (4x the training area)\nfrom ({c}, {2 * h}, "
                         f"{2 * w}) latent grids through {model.prior.title}", panel=3.2)
@@ -1102,51 +1173,48 @@ def markdown_table(header, rows):
 
 
 RUNS = [f"{a}{suffix}" for a in ARCHS for suffix in ("", "-gaussian")]     # results/ folders
-SCORES = ("c2st", "proportion", "pieces", "top-to-bottom channels", "channel width (median)",
-          "near-empty", "nearest_px", "memorisation")
+SCORES = ("c2st", "c2st_95", "proportion", "pieces", "top-to-bottom channels",
+          "channel width (median)", "near-empty", "nearest_px", "memorisation")
 MODEL_FACTS = ("neg_elbo", "recon_accuracy", "real_recon_accuracy", "active_units",
                "train_minutes", "train_img_per_s", "train_device")
 
 
 def write_comparison(results_dir, held, device):
-    """results/comparison.md: the scores of the runs in results_dir, and of their data;
-    results/samples_side_by_side.png: real images, data and each run's prior draws."""
-    runs = {f: read_json(results_dir / f / "metrics.json") for f in RUNS
-            if (results_dir / f / "metrics.json").is_file()}
-    # metrics of older versions of this file, without the C2ST, are left out; missing keys blank
-    runs = {f: m for f, m in runs.items() if "c2st" in m.get("scores", {}).get("data", {})}
+    """results/comparison.md: the scores of the runs in results_dir; samples_side_by_side.png:
+    real images, held-out images and each run's prior draws."""
+    runs = {f: read_json(results_dir / f / "metrics.json", {}) for f in RUNS}
+    # runs of older versions of this file, without the C2ST's interval, are left out
+    runs = {f: m for f, m in runs.items() if "c2st_95" in m.get("scores", {}).get("data", {})}
     if not runs:
         return
+
     def cell(v):
-        return "" if v is None else v if isinstance(v, str) else f"{v:.4g}"
+        return ("" if v is None else v if isinstance(v, str) else f"{v:.4g}" if not
+                isinstance(v, list) else "-".join(f"{x:.3f}" for x in v))
     rows = [[f"{folder}: {name}", *[cell(m["scores"][name].get(k)) for k in SCORES]]
             for folder, m in runs.items() for name in m["scores"] if name != "data"]
     first = next(iter(runs.values()))
-    rows.append(["data: other held-out images", *[cell(first["scores"]["data"].get(k))
-                                                  for k in SCORES]])
-    facts = [[folder, *[cell(m.get(k)) for k in MODEL_FACTS],
-              cell(m.get("code_version", {}).get("git_commit"))] for folder, m in runs.items()]
+    rows.append(["data: held-out images", *[cell(first["scores"]["data"].get(k)) for k in SCORES]])
+    facts = [[folder, *[cell(m.get(k)) for k in MODEL_FACTS], cell(m["code_version"]["git_commit"])]
+             for folder, m in runs.items()]
     write_text(results_dir / "comparison.md",
-               f"Each set of {first['n']} images (decoded at 0.5) against {first['n']} held-out "
-               f"images of {first['data']}: c2st is the accuracy of a classifier that tells them "
-               f"apart (0.5: it cannot), the mean of {C2ST_SEEDS} seeds; the counts are means "
-               f"per image; nearest_px is the median distance in pixels to the nearest training "
-               f"image, and memorisation that over the held-out images' own (below 1: nearer). "
-               f"\"learned\" and \"gaussian\" are prior draws through the same decoder; "
-               f"\"codes\" decodes z ~ q(z|x) of other held-out images, the decoder's best "
-               f"case.\n\n" + markdown_table(["images", *SCORES], rows) + "\n"
+               f"Each set of {first['n']} images (decoded at 0.5) against {first['n']} reference "
+               f"images ({first['reference']}) of {first['data']}: c2st is the share of them a "
+               f"classifier tells apart, cross-fitted (0.5: none), c2st_95 its 95% interval; the "
+               f"counts are means per image; nearest_px is the median distance in pixels to the "
+               f"nearest training image, and memorisation that over the held-out images' own "
+               f"(below 1: nearer). \"learned\" and \"gaussian\" are prior draws through the "
+               f"same decoder; \"codes\" decodes z ~ q(z|x) of held-out images, the decoder's "
+               f"best case.\n\n" + markdown_table(["images", *SCORES], rows) + "\n"
                + markdown_table(["model", *MODEL_FACTS, "code version"], facts))
-
     real = real_reference(held.shape[-1])
     rows = [held[:10].float()] if real is None else [real[:10].float(), held[:10].float()]
     labels = ([] if real is None else ["real"]) + [first["data"].replace("the ", "")]
-    for folder in runs:
-        if (results_dir / folder / "model.pt").is_file():
-            model = load_model(results_dir / folder / "model.pt", device)
-            for prior in {p.name: p for p in (model.prior, StandardNormal())}.values():
-                u = torch.randn(10, *model.latent_shape, generator=torch.Generator().manual_seed(1))
-                rows.append(decode_probs(model, prior.to_z(u.to(device)), device))
-                labels.append(f"{folder}, {prior.title.split(' z = ')[0]}")
+    for folder in (f for f in runs if (results_dir / f / "model.pt").is_file()):
+        model = load_model(results_dir / folder / "model.pt", device)
+        for prior in {p.name: p for p in (model.prior, StandardNormal())}.values():
+            rows.append(draw(model, 10, torch.Generator().manual_seed(1), prior=prior))
+            labels.append(f"{folder}, {prior.title.split(' z = ')[0]}")
     fig = show_grid(rows, "real images (re-digitized), training data, and decoder probabilities "
                     "of prior draws of each VAE", labels)
     save_figure(fig, results_dir / "samples_side_by_side.png")
@@ -1157,7 +1225,7 @@ def compare_data(out, n=5000, seed=1):
     real = real_reference(NATIVE)
     if real is None:
         raise DataError(f"{REAL_REFERENCE}: file not found; --compare-data needs the real images")
-    synth = torch.from_numpy(make_synthetic_channels(n, seed=seed)).permute(0, 3, 1, 2)
+    synth = as_images(make_synthetic_channels(n, seed=seed), NATIVE)
     rs, ss = image_statistics(real), image_statistics(synth)
     rows = []
     for key in rs:
@@ -1220,13 +1288,12 @@ def write_h5(path, parts, **attrs):
 
 
 @torch.no_grad()
-def write_samples(model, n, path, device, grid=None, seed=0, batch_size=500):
-    """--sample: n prior samples, thresholded at 0.5 -> path, uint8 (n, S, S, 1)."""
+def write_samples(model, n, path, grid=None, seed=0, batch_size=500):
+    """--sample: the facies of n prior draws -> path, uint8 (n, S, S, 1), batch by batch."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    parts = ((decode_probs(model, sample_latents(model, min(batch_size, n - i), g, grid), device)
-              >= 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-             for i in range(0, n, batch_size))
+    parts = (facies(draw(model, min(batch_size, n - i), g, grid)).permute(0, 2, 3, 1).cpu()
+             .numpy() for i in range(0, n, batch_size))
     write_h5(path, parts, arch=model.arch, prior=model.prior.name, seed=seed)
 
 
@@ -1260,15 +1327,12 @@ def model_config(model):
 
 
 def build_from_config(cfg):
-    """build_model, then Part 2's learned prior where cfg asks for it (a model file without
-    prior_depth or ode_steps was saved when they were PRIOR_DEPTH and ODE_STEPS)."""
+    """build_model, then Part 2's learned prior where cfg asks for it."""
     cfg = dict(cfg)
-    prior = {k: cfg.pop(k, None) for k in ("prior", "prior_hidden", "prior_depth", "ode_steps")}
+    prior = [cfg.pop(k, None) for k in ("prior", "prior_hidden", "prior_depth", "ode_steps")]
     model = build_model(cfg.pop("arch"), **cfg)
-    if prior["prior"] == "learned":
-        model.prior = LearnedPrior(model.latent_shape, prior["prior_hidden"],
-                                   prior["prior_depth"] or PRIOR_DEPTH,
-                                   prior["ode_steps"] or ODE_STEPS)
+    if prior[0] == "learned":
+        model.prior = LearnedPrior(model.latent_shape, *prior[1:])
     return model
 
 
@@ -1329,66 +1393,51 @@ def number(cast, low, strict=False):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train VAEs that generate channel facies images.")
-    count = number(int, 1)
-    p.add_argument("--arch", choices=list(ARCHS),
-                   help="dense: vector latent; fullyconv: no dense layer (required, except "
-                        "with --compare-data)")
-    p.add_argument("--prior", choices=["learned", "gaussian"], default="learned",
-                   help="learned: fitted to the codes after training; gaussian: the plain "
-                        "VAE's N(0, I), no fitting (default: %(default)s)")
-    p.add_argument("--size", type=int, choices=[64, NATIVE],
-                   help="image size to train at (default: 64; a trained model keeps its own)")
-    p.add_argument("--epochs", type=count, help=f"passes over the data (default: "
-                   f"{EPOCHS['dense']} dense, {EPOCHS['fullyconv']} fullyconv); a resumed run "
-                   f"keeps the learning-rate schedule it began with, and runs extra epochs at its "
-                   f"final rate")
-    # flags that shape the model or change the run default to None: a checkpoint or trained
-    # model brings its own values (DEFAULTS otherwise)
-    p.add_argument("--batch-size", type=count, help=f"(default: {BATCH_SIZE})")
-    p.add_argument("--lr", type=number(float, 0, strict=True),
-                   help=f"peak learning rate (default: {LR})")
-    p.add_argument("--beta", type=number(float, 0), help="KL weight; 1 = the ELBO (default: 1)")
-    p.add_argument("--warmup", type=number(float, 0),
-                   help=f"epochs over which the KL weight rises from 0 (default: {KL_WARMUP:g})")
-    p.add_argument("--prior-steps", type=count,
-                   help=f"Adam steps fitting the learned prior (default: {PRIOR_STEPS})")
-    p.add_argument("--latent-dim", type=count, help="dense (default: 32)")
-    p.add_argument("--latent-channels", type=count,
-                   help="fullyconv, on a size/16 grid (default: 8)")
-    p.add_argument("--widths", type=count, nargs="+", metavar="W",
-                   help=f"channels per stride-2 stage (default: {' '.join(map(str, WIDTHS))})")
-    p.add_argument("--fp32", action="store_true", help="no bf16 (default: bf16 in the encoder "
-                   "and decoder where the CPU or GPU has it natively)")
-    p.add_argument("--seed", type=int, help="sets the split, the weights and the noise "
-                   "(default: 0; with a trained model, the seed it was trained with)")
-    p.add_argument("--data", help=f"HDF5 file (default: {DEFAULT_DATA}, else the "
-                   f"synthetic stand-in; with a trained model, the file it was trained on)")
-    p.add_argument("--out", type=Path, help="output folder (default: results/<arch>[-gaussian])")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps, ... (default: auto)")
-    p.add_argument("--resume", type=Path, nargs="?", const="auto", metavar="CKPT",
-                   help="go on from a checkpoint (default: <out>/checkpoint.pt)")
-    p.add_argument("--eval-n", type=count, default=2000,
-                   help="samples scored (default: %(default)s)")
+    count, add = number(int, 1), p.add_argument
+    add("--arch", choices=list(ARCHS), help="dense: vector latent; fullyconv: no dense layer "
+        "(required, except with --compare-data)")
+    add("--prior", choices=["learned", "gaussian"], default="learned", help="learned: fitted "
+        "to the codes after training; gaussian: the plain VAE's N(0, I) (default: learned)")
+    # the flags that shape the model or change the run default to None: a checkpoint or a
+    # trained model brings its own values, else DEFAULTS
+    add("--size", type=int, choices=[64, NATIVE], help="image size to train at (default: 64)")
+    add("--epochs", type=count, help=f"passes over the data (default: {EPOCHS['dense']} dense, "
+        f"{EPOCHS['fullyconv']} fullyconv); --resume with more adds them at the final rate")
+    add("--batch-size", type=count, help=f"(default: {BATCH_SIZE})")
+    add("--lr", type=number(float, 0, strict=True), help=f"peak learning rate (default: {LR})")
+    add("--beta", type=number(float, 0), help="KL weight; 1 = the ELBO (default: 1)")
+    add("--warmup", type=number(float, 0),
+        help=f"epochs over which the KL weight rises from 0 (default: {KL_WARMUP:g})")
+    add("--prior-steps", type=count, help=f"Adam steps of the prior's fit (default: {PRIOR_STEPS})")
+    add("--latent-dim", type=count, help="dense (default: 32)")
+    add("--latent-channels", type=count, help="fullyconv, on a size/16 grid (default: 8)")
+    add("--widths", type=count, nargs="+", metavar="W",
+        help=f"channels per stride-2 stage (default: {' '.join(map(str, WIDTHS))})")
+    add("--fp32", action="store_true", help="no bf16 (default: bf16 where the hardware has it)")
+    add("--seed", type=int, help="sets the split, the weights and the noise (default: 0)")
+    add("--data", help=f"HDF5 file (default: {DEFAULT_DATA}, else the synthetic stand-in)")
+    add("--out", type=Path, help="output folder (default: results/<arch>[-gaussian])")
+    add("--device", default="auto", help="cpu, cuda, mps, ... (default: auto)")
+    add("--resume", type=Path, nargs="?", const="auto", metavar="CKPT",
+        help="go on from a checkpoint (default: <out>/checkpoint.pt)")
+    add("--eval-n", type=count, default=2000, help="images per scored set (default: 2000)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--evaluate", action="store_true",
-                      help="figures and metrics of <out>/model.pt")
+    mode.add_argument("--evaluate", action="store_true", help="figures and metrics of "
+                      "<out>/model.pt (its seed and data unless named)")
     mode.add_argument("--sample", type=count, metavar="N", help="N samples -> <out>/samples.h5")
     mode.add_argument("--condition", action="store_true", help="ES-MDA on wells of held-out images")
     mode.add_argument("--compare-data", action="store_true", help="real vs synthetic statistics")
-    p.add_argument("--grid", type=count, metavar="G",
-                   help="--sample, fullyconv: a G x G latent grid (default: size/16)")
-    p.add_argument("--wells", type=count, default=16, help="--condition (default: %(default)s)")
+    add("--grid", type=count, metavar="G", help="--sample, fullyconv: a G x G latent grid")
+    add("--wells", type=count, default=16, help="--condition (default: 16)")
     args = p.parse_args(argv)
     if args.arch is None and not args.compare_data:
         p.error("argument --arch: required (dense or fullyconv), except with --compare-data")
     if args.grid is not None and (args.arch != "fullyconv" or args.sample is None):
         p.error("argument --grid: only with --sample and --arch fullyconv")
     args.precision = "fp32" if args.fp32 else None
-    if not (args.evaluate or args.condition or args.sample or args.compare_data):
-        try:                            # the model's own checks of the flags, with defaults
-            new_model(with_defaults(argparse.Namespace(**vars(args))), torch.device("cpu"))
-        except ValueError as e:
-            p.error(str(e))
+    size, stages = args.size or DEFAULTS["size"], len(args.widths or WIDTHS)
+    if size % 2 ** stages:
+        p.error(f"size {size} must be divisible by 2^{stages}, a halving per width")
     return args
 
 
@@ -1459,21 +1508,21 @@ def bf16_native(device):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-             if line.startswith("model name")]
-    return f"{names[0] if names else device.type}, {os.cpu_count()} cores"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), device.type)
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def train_and_save(model, train_x, val_x, args, device, out, config, resume):
     """train() with a checkpoint after every epoch, then Part 2's prior fitted to the codes
     -> history. Ctrl-C keeps the last epoch's checkpoint and exits with status 130."""
-    ckpt, saved = out / "checkpoint.pt", []
+    saved = [resume is not None]
 
     def save_checkpoint(state):
-        with atomic(ckpt) as tmp:
+        with atomic(out / "checkpoint.pt") as tmp:
             torch.save({**state, "config": config}, tmp)      # the settings, for --resume
-        saved.append(ckpt)
+        saved.append(True)
     try:
         history = train(model, train_x, val_x, device, args.epochs, args.batch_size, args.lr,
                         args.beta, args.warmup, args.seed, args.precision == "bf16",
@@ -1486,16 +1535,14 @@ def train_and_save(model, train_x, val_x, args, device, out, config, resume):
                                     bf16=args.precision == "bf16")
             config["prior_minutes"] = (time.perf_counter() - t) / 60
     except KeyboardInterrupt:
-        if saved or resume is not None:
-            print(f"interrupted: the checkpoint keeps the last finished epoch; the same command "
-                  f"with --resume goes on", file=sys.stderr)
-        else:
-            print("interrupted before the first epoch ended: no checkpoint was written",
-                  file=sys.stderr)
+        print("interrupted: " + ("the checkpoint keeps the last finished epoch; the same command "
+                                 "with --resume goes on" if any(saved)
+                                 else "no checkpoint was written"), file=sys.stderr)
         raise SystemExit(130) from None
-    config["train_minutes"] = sum(history["seconds"]) / 60
-    config["train_img_per_s"] = len(train_x) // args.batch_size * args.batch_size * len(
-        history["seconds"]) / sum(history["seconds"])
+    seconds = sum(history["seconds"])
+    config["train_minutes"] = seconds / 60
+    config["train_img_per_s"] = len(history["seconds"]) * (len(train_x) // args.batch_size) \
+        * args.batch_size / seconds
     save_model(model, out / "model.pt")
     write_json(out / "config.json", config)
     write_json(out / "history.json", history)
@@ -1518,7 +1565,7 @@ def run(args):
                out / "model.pt", refuse=model_keys(args.arch), take=("seed", "data"))
     if args.sample:
         grid = (args.grid, args.grid) if args.grid else None
-        write_samples(model, args.sample, out / "samples.h5", device, grid, args.seed)
+        write_samples(model, args.sample, out / "samples.h5", grid, args.seed)
         return print(f"wrote {args.sample} prior samples of {out / 'model.pt'} to "
                      f"{out / 'samples.h5'}")
     resume = None                        # everything that can fail is checked before training
@@ -1575,8 +1622,14 @@ def report(model, train_x, val_x, history, config, out, device, note, args, real
         save_figure(fig, out / name)
     more_figures(model, train_x, val_x, history, out, device, note, real, args.seed)
     t = time.perf_counter()
-    metrics = evaluate(model, train_x, val_x, device, args.eval_n, args.seed, real)
+    # the stand-in can make images of layouts training never saw: they are the reference
+    new = as_images(make_synthetic_channels(args.eval_n, seed=1, distinct=True), model.size) \
+        if Path(args.data) == SYNTHETIC_DATA else None
+    metrics = evaluate(model, train_x, val_x, device, args.eval_n, args.seed, real, new,
+                       args.precision == "bf16")
     metrics.update(data=note.split(" trained on ")[1], code_version=code_version(),
+                   reference="stand-in images of a new seed, a layout each" if new is not None
+                   else "held-out images",
                    train_device=config.get("device"), train_precision=config.get("precision"),
                    **{k: config.get(k) for k in ("train_minutes", "train_img_per_s",
                                                  "prior_minutes")})
@@ -1586,7 +1639,7 @@ def report(model, train_x, val_x, history, config, out, device, note, args, real
           f" nats/img (rec {metrics['elbo_rec']:.1f} + kl {metrics['elbo_kl']:.1f}), "
           f"reconstruction accuracy {metrics['recon_accuracy']:.4f}")
     for name, sc in metrics["scores"].items():
-        print(f"{name:>8}: told from data {sc['c2st']:.3f} (0.5 = not at all)  proportion "
+        print(f"{name:>8}: told from data {sc['c2st']:.3f} (0.5: never)  proportion "
               f"{sc['proportion']:.3f}  pieces {sc['pieces']:.2f}  top-to-bottom channels "
               f"{sc['top-to-bottom channels']:.2f}  near-empty {sc['near-empty']:.3f}")
     print(f"wrote {out}/: figures, metrics.json, and {out.parent}/comparison.md")
