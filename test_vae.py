@@ -258,7 +258,7 @@ def test_the_prior_ode_carries_noise_to_the_codes_and_back_and_flow_matching_lea
     # must get there within 3% of sd with ODE_STEPS steps, and back; it is second order, so
     # twice the steps cut the error about fourfold
     m, sd = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])
-    prior = vae.LearnedPrior((2,), hidden=8)
+    prior = vae.LearnedPrior((2,), hidden=8, depth=1)
     prior.velocity = GaussianVelocity(m, sd)
     u = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
     errors = []
@@ -277,7 +277,7 @@ def test_the_prior_ode_carries_noise_to_the_codes_and_back_and_flow_matching_lea
     assert ((z - (m + sd * u)).abs().mean(0) < 0.1 * sd).all(), (z - (m + sd * u)).abs().mean(0)
     torch.testing.assert_close(z.std(0), sd, rtol=0.15, atol=0)
     # the fullyconv prior has no dense layer: trained on one grid, it draws on any other
-    conv = vae.LearnedPrior((3, 4, 4), hidden=8)
+    conv = vae.LearnedPrior((3, 4, 4), hidden=8, depth=1)
     assert conv.to_z(torch.randn(2, 3, 7, 5)).shape == (2, 3, 7, 5)
 
 
@@ -297,7 +297,7 @@ def test_the_learned_prior_is_what_samples_come_from():
     assert (prior.hidden, prior.depth, prior.steps) == (16, 2, 4)
     for arch in vae.ARCHS:
         prior = vae.load_model(HERE / "results" / arch / "model.pt").prior
-        assert (prior.hidden, prior.depth, prior.steps) == (vae.PRIOR_HIDDEN[arch], vae.PRIOR_DEPTH, vae.ODE_STEPS)
+        assert (prior.hidden, prior.depth, prior.steps) == (vae.PRIOR_HIDDEN[arch], vae.PRIOR_DEPTH[arch], vae.ODE_STEPS)
 
 
 def test_esmda_recovers_the_analytic_linear_gaussian_posterior():
@@ -500,6 +500,7 @@ def trained(tmp_path_factory):
             for arch in vae.ARCHS}
     with pytest.MonkeyPatch.context() as m:                # a small prior too (config.json keeps its width)
         m.setattr(vae, "PRIOR_HIDDEN", {"dense": 16, "fullyconv": 8})
+        m.setattr(vae, "PRIOR_DEPTH", {"dense": 2, "fullyconv": 2})
         m.setattr(vae, "SYNTHETIC_DATA", files["fullyconv"])
         m.setattr(vae, "SYNTHETIC_N", 200)
         for arch, args in argv.items():

@@ -4,7 +4,7 @@
 The data: 128x128 binary images of channel facies (1 = channel sand, 0 = background mud),
 halved to 64x64; without data/train_images.h5, a synthetic stand-in made once.
 Part 1, the plain VAE: data, the two models, the ELBO, training, samples and interpolation;
-        every command trains exactly this model (`--prior gaussian` stops there).
+        each training command trains exactly this model (`--prior gaussian` stops there).
 Part 2, beyond it: a prior learned from the codes after training, which makes random draws
         decode to whole channels, and conditioning channel models on wells, which is what
         the latent space is for.
@@ -96,8 +96,8 @@ def load_images(path, size=64, chunk=2000):
 
 # ----------------------------------------------------------------------------- models
 # Both models share a convolutional trunk: stride-2 convolutions halve the image four times,
-# to (C, S/16, S/16); stride-2 transposed convolutions mirror them (a 4x4 kernel at stride 2
-# covers every output pixel equally often: no checkerboard). Smooth bands need few channels.
+# to (widths[-1], S/16, S/16); stride-2 transposed convolutions mirror them (a 4x4 kernel at
+# stride 2 covers every output pixel equally often: no checkerboard).
 WIDTHS = (16, 32, 64, 128)              # channels after each stride-2 stage
 
 
@@ -260,9 +260,10 @@ def adam_step(opt, loss, lr):
 
 def train_step(model, opt, x, beta, lr, bf16=False):
     """One Adam step on the -ELBO of a batch x (B, 1, S, S) -> (loss, rec, kl) before it.
-    bf16: autocast runs the convolutions and linear layers in bfloat16, twice as fast where the
-    hardware has it; the cross-entropy stays fp32 (autocast's own rule) and bf16 needs no loss
-    scaling (it has fp32's range)."""
+    bf16: autocast runs the convolutions and linear layers in bfloat16, up to twice as fast
+    where the hardware has it. The cross-entropy stays fp32 (autocast's own rule), the KL of
+    a few dozen numbers is summed in bf16 (0.4% precision), and bf16 needs no loss scaling
+    (it has fp32's range)."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
         loss, rec, kl = neg_elbo(model, x, beta)
     adam_step(opt, loss, lr)
@@ -305,14 +306,13 @@ def beta_at(step, warmup_steps, beta):
 
 @torch.no_grad()
 def validate(model, images, device, beta, batch_size=500):
-    """Mean (loss, rec, kl) in nats/image of uint8 images (N, 1, S, S); at beta 1, the -ELBO."""
-    was_training = model.training
+    """Mean (loss, rec, kl) in nats/image of uint8 images (N, 1, S, S); at beta 1, the -ELBO.
+    Leaves the model in eval mode."""
     model.eval()
     total = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(images), batch_size):
         x = to_float(images[i:i + batch_size], device)
         total += torch.tensor([t.item() for t in neg_elbo(model, x, beta)]) * len(x)
-    model.train(was_training)
     return (total / len(images)).tolist()
 
 
@@ -339,8 +339,8 @@ def train(model, train_x, val_x, device, epochs, batch_size=BATCH_SIZE, lr=LR, b
         torch.cuda.set_rng_state_all(resume["rng_cuda"])
         history, total = resume["history"], resume["schedule_steps"]
     progress = every(30)
-    model.train()
     for epoch in range(len(history["epoch"]), epochs):
+        model.train()
         # the data order depends on (seed, epoch) only, so a resumed run sees the same batches
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(len(train_x), generator=g).to(train_x.device)
@@ -365,7 +365,7 @@ def train(model, train_x, val_x, device, epochs, batch_size=BATCH_SIZE, lr=LR, b
         row = (epoch + 1, rec, kl, val_rec, val_kl, val_loss, b, r, seconds)
         for key, value in zip(HISTORY, row):
             history[key].append(value)
-        log(f"epoch {epoch + 1} done: held-out -ELBO {val_loss:.1f} = rec {val_rec:.1f} + kl "
+        log(f"epoch {epoch + 1} done: held-out loss {val_loss:.1f} = rec {val_rec:.1f} + kl "
             f"{val_kl:.1f} nats/img ({seconds:.0f} s)")
         if on_epoch:                # Part 3 saves this as the checkpoint
             on_epoch({"model": model.state_dict(), "optimizer": opt.state_dict(), "history":
@@ -426,22 +426,24 @@ def interpolate(model, u0, u1, steps):
 
 
 def show_grid(rows, title, row_labels=None, panel=1.3, panel_titles=None):
-    """rows: a list of (N, 1, H, W) tensors in [0, 1], one per figure row -> a figure.
+    """rows: a list of (N, 1, S, S) tensors in [0, 1], one per figure row -> a figure of one
+    image, the panels a few pixels apart (one image draws far faster than an axes a panel).
     panel_titles: per row, None or a title for each panel."""
-    ncol = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(panel * ncol, panel * len(rows) + 0.5),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    s, ncol = rows[0].shape[-1], max(len(r) for r in rows)
+    step = s + (s // 5 if panel_titles else 2)                   # room for the titles
+    mosaic = np.full((len(rows) * step, ncol * (s + 2)), np.nan)   # NaN: no panel, white
+    fig, ax = plt.subplots(figsize=(panel * ncol, panel * len(rows) + 0.5))
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
-            axes[i, j].imshow(image[0].float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1,
-                              interpolation="nearest")
-            axes[i, j].set_title(panel_titles[i][j] if panel_titles and panel_titles[i] else "",
-                                 fontsize=7)
-        axes[i, 0].text(-0.08, 0.5, row_labels[i] if row_labels else "", rotation=90,
-                        ha="right", va="center", fontsize=8, transform=axes[i, 0].transAxes)
-    fig.suptitle(title, fontsize=10)
+            mosaic[i * step:i * step + s, j * (s + 2):j * (s + 2) + s] = image[0].float().cpu()
+            if panel_titles and panel_titles[i]:
+                ax.text(j * (s + 2) + s / 2, i * step - 1, panel_titles[i][j], fontsize=7,
+                        ha="center", va="bottom")
+        ax.text(-2, i * step + s / 2, row_labels[i] if row_labels else "", rotation=90,
+                ha="right", va="center", fontsize=8)
+    ax.imshow(mosaic, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10, pad=12 if panel_titles else 4)
     fig.tight_layout()
     return fig
 
@@ -495,9 +497,10 @@ def sample_figures(model, val_x, device, note, seed=0):
 #   loss = || v(z_t, t) - (z1 - z0) ||^2        summed over the latent, averaged over a batch
 # Why that learns the prior, in two steps. A squared error is least at the conditional mean,
 # so the best v(z, t) is E[z1 - z0 | z_t = z], the mean velocity of all lines through z at t.
-# The density p_t of z_t moves as its lines carry it: dp_t/dt = -div(p_t v) with that same
-# mean velocity (the continuity equation), which is also how an ODE dz/dt = v moves a density;
-# so the ODE carries p_0 = N(0, I) through every p_t to p_1 = q(z) (Lipman et al., theorem 1).
+# The density p_t of z_t moves as its lines carry it: the probability flowing through z is
+# p_t(z) times the mean velocity of the lines there, so dp_t/dt = -div(p_t v) with that same v
+# (the continuity equation), which is also how an ODE dz/dt = v moves a density; so the ODE
+# carries p_0 = N(0, I) through every p_t to p_1 = q(z) (Lipman et al., theorem 1).
 # The loss never reaches 0: lines from many (z0, z1) cross each point. t is drawn logit-normal
 # (the sigmoid of a N(0, 1) number), which trains the middle of the path most, where a draw's
 # layout is decided (Esser et al. 2024); here it drew fewer broken channels than uniform t.
@@ -506,10 +509,12 @@ def sample_figures(model, val_x, device, note, seed=0):
 # mean of the slopes at its two ends: second order, so few steps); run backwards it maps a
 # code to its u, up to the solver's error, so interpolation and ES-MDA still work on Gaussian
 # u. v is an MLP for the dense latent and 3x3 convolutions for the fullyconv one (no dense
-# layer, any grid).
+# layer, any grid), twice as deep (8 blocks, measured: results/levers.md): a channel runs
+# through many cells, so its cells' codes depend on each other in long chains.
 PRIOR_HIDDEN = {"dense": 512, "fullyconv": 64}      # width of v's layers (channels on a grid)
-PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (a grid code has 16 cells)
-PRIOR_DEPTH = 4                                      # residual blocks
+PRIOR_DEPTH = {"dense": 4, "fullyconv": 8}          # residual blocks
+PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (each grid code is 16
+#                                                     cells of work: half as many cost 8x more)
 PRIOR_STEPS = 4000                                   # Adam steps of the fit
 PRIOR_LR = 3e-3                                      # its peak learning rate
 ODE_STEPS = 10                                       # Heun steps, two evaluations of v each
@@ -525,7 +530,8 @@ class Velocity(nn.Module):
         super().__init__()
         layer = (lambda a, b, k=3: nn.Conv2d(a, b, k, 1, k // 2)) if spatial else \
             (lambda a, b, k=None: nn.Linear(a, b))
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(freqs))     # (T/2,)
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(freqs))     # (T/2,), T
+        #                                                             time features in all
         self.first, self.last = layer(channels, hidden), layer(hidden, channels)
         self.norms = nn.ModuleList(nn.GroupNorm(8, hidden) for _ in range(depth))
         self.films = nn.ModuleList(layer(2 * freqs, 2 * hidden, 1) for _ in range(depth))
@@ -548,7 +554,7 @@ class LearnedPrior(nn.Module):
     name = "learned"
     title = "the learned prior z = ODE(u), u ~ N(0, I)"
 
-    def __init__(self, latent_shape, hidden, depth=PRIOR_DEPTH, steps=ODE_STEPS):
+    def __init__(self, latent_shape, hidden, depth, steps=ODE_STEPS):
         super().__init__()
         self.velocity = Velocity(latent_shape[0], hidden, depth, len(latent_shape) > 1)
         self.hidden, self.depth, self.steps = hidden, depth, steps
@@ -649,8 +655,8 @@ def condition_on_wells(model, truth, device, n_wells=16, members=MEMBERS, obs_sd
                        assimilations=ASSIMILATIONS, seed=0):
     """ES-MDA on one image: its facies at n_wells random pixels are the data. truth (1, S, S)
     uint8 -> dict: wells (K, 2) as (row, col), obs (K,), and the prior and posterior
-    ensembles' decoder probabilities (members, 1, S, S), on the device."""
-    if n_wells >= truth.numel():
+    ensembles' decoder probabilities (members, 1, S, S) on the device."""
+    if n_wells > truth.numel():
         raise DataError(f"--wells {n_wells}: an image has only {truth.numel()} pixels")
     g = torch.Generator().manual_seed(seed)
     S = truth.shape[-1]
@@ -691,7 +697,7 @@ def conditioning_study(model, val_x, device, n_wells=16, seed=0, log=print):
                        for k in ("prior", "posterior"))
         cases.append({"held_out_index": idx, "prior": prior, "posterior": post,
                       "truth_proportion": val_x[idx].float().mean().item(),
-                      "spread_ratio": post["spread"] / max(prior["spread"], 1)})  # in pixels
+                      "spread_ratio": post["spread"] / max(prior["spread"], 1)})
         members.append(facies(res["posterior"]))
         if i == 0:
             first = (val_x[idx], res)                                 # for the figure
@@ -722,10 +728,12 @@ def conditioning_figure(truth, res, title):
         titles.append(["truth and wells", f"{name}: mean", f"{name}: sd x 2",
                        *[f"{name} member {i + 1}" for i in range(4)]])
     fig = show_grid(rows, title, panel=1.6, panel_titles=titles)
-    wells, obs = res["wells"], res["obs"].bool()
-    for ax in fig.axes:
-        ax.scatter(wells[obs, 1], wells[obs, 0], marker="o", s=36, c="red", edgecolors="white")
-        ax.scatter(wells[~obs, 1], wells[~obs, 0], marker="s", s=28, c="white", edgecolors="black")
+    wells, obs, s = res["wells"], res["obs"].bool(), truth.shape[-1]
+    for i in range(2):                     # each panel's origin in show_grid's one image
+        for j in range(len(rows[0])):
+            y, x = wells[:, 0] + i * (s + s // 5), wells[:, 1] + j * (s + 2)
+            fig.axes[0].scatter(x[obs], y[obs], marker="o", s=30, c="red", edgecolors="white")
+            fig.axes[0].scatter(x[~obs], y[~obs], marker="s", s=24, c="white", edgecolors="black")
     return fig
 # =============================================================================================
 # Part 3: measuring and plumbing
@@ -733,15 +741,11 @@ def conditioning_figure(truth, res, title):
 # ------------------------------------------------------------------ the synthetic stand-in
 # Each image is drawn like an object-based facies model: up to three channels whose
 # centrelines are leaning sine curves, x(y) = x_mid - tan(lean) (y - S/2) + amp sin(k y +
-# phase), rasterized with a constant width, younger over older. What was measured on
-# re-digitized real images (13 of them are in results/real_reference.npz): 1-3 channels,
-# usually 2; leans of 2-20 degrees, median about 7; wavelengths of 120-190 px; half-amplitudes
-# of 10-35 px; widths of 3-16 px across the channel; proportion 0.21 +- 0.06. The generator
-# takes those ranges as its bounds: wavelength uniform in 120-190 px, half-amplitude clipped
-# to 10-35 px. The rest was chosen, then checked against the 13 real images by
-# --compare-data (README, "The data"): 1/2/3 channels with probability 0.15/0.55/0.30; lean
-# log-normal around 7 degrees plus per-channel noise, clipped to 1-22; half-amplitude
-# log-normal around 27 px; width log-normal around 11 px, clipped to 4-16 px.
+# phase), rasterized with a constant width, younger over older. It draws within about the
+# ranges measured on re-digitized real images (13 are in results/real_reference.npz): 1-3
+# channels, usually 2; leans of 2-20 degrees, median about 7; wavelengths of 120-190 px;
+# half-amplitudes of 10-35 px; widths of 3-16 px; proportion 0.21 +- 0.06. The distributions
+# were chosen, then checked against the 13 images by --compare-data.
 
 NATIVE = 128                    # the real images are 128x128
 DEFAULT_DATA = Path("data/train_images.h5")
@@ -860,6 +864,10 @@ def real_reference(size):
     return as_images(np.load(REAL_REFERENCE)["images"], size)
 
 
+def data_name(path):
+    return "the synthetic stand-in" if Path(path) == SYNTHETIC_DATA else str(path)
+
+
 def get_data(path, size, log=print):
     """--data, else data/train_images.h5 if it is there, else the synthetic stand-in ->
     (uint8 images (N, 1, size, size), the file they came from)."""
@@ -881,7 +889,7 @@ def get_data(path, size, log=print):
 # score is the share labelled right: 0.5 when the classifier finds nothing to tell the sets
 # apart by, 1.0 when it always can; over 2N labels its 95% interval is +-1.96 sqrt(p(1-p)/2N).
 # Why it can be trusted: it judges whole images, with no feature chosen for channels; it is
-# translation-invariant (3x3 convolutions, then each feature's mean and maximum over the whole
+# nearly translation-invariant (3x3 convolutions, then each feature's mean and maximum over the
 # image), so a break anywhere in a channel counts as much as anywhere else; a test shows that
 # it tells images with one channel cut by a 3-pixel gap from intact ones; two sets of data
 # score 0.5 within the interval and N(0, I) draws nearly 1. It bounds from below: the best
@@ -898,7 +906,7 @@ C2ST_WIDTHS = (8, 16, 32, 64)          # the classifier's channels, one stage pe
 class Critic(nn.Module):
     """The C2ST's classifier: (B, 1, S, S) -> one logit per image (B,), "the second set".
     Each stage is a 3x3 convolution, then 2x2 max-pooling (but the last), batch norm and ReLU
-    (pooling first halves the work at full size; the maximum commutes with ReLU)."""
+    (pooling before them does their work on a quarter of the pixels)."""
 
     def __init__(self, widths=C2ST_WIDTHS):
         super().__init__()
@@ -937,11 +945,11 @@ def c2st(a, b, device, seed=0, batch_size=64, lr=2e-3, patience=5, max_epochs=30
         def logits(i):                                             # (len(i),) in fp32
             with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
                 return net(to_float(x[i], device)).float()
-        best, waited, state = math.inf, 0, net.state_dict()
+        best, waited, state, b = math.inf, 0, net.state_dict(), min(batch_size, len(fit))
         for epoch in range(max_epochs):
             net.train()
             order = fit[torch.randperm(len(fit), generator=g).to(device)]
-            for i in order[:len(order) // batch_size * batch_size].view(-1, batch_size):
+            for i in order[:len(order) // b * b].view(-1, b):
                 adam_step(opt, F.binary_cross_entropy_with_logits(logits(i), y[i]), lr)
             net.eval()
             with torch.no_grad():
@@ -1072,9 +1080,8 @@ def reconstruct(model, images, device):
 
 
 def recon_accuracy(model, images, device):
-    """The share of pixels that the reconstruction, thresholded at 0.5, gets right."""
-    x = images.to(device).bool()
-    return (facies(reconstruct(model, images, device)) == x).float().mean().item()
+    """The share of pixels that the reconstruction's facies get right."""
+    return (facies(reconstruct(model, images, device)) == images.to(device)).float().mean().item()
 
 
 @torch.no_grad()
@@ -1215,7 +1222,7 @@ def write_comparison(results_dir, held, device):
         for prior in {p.name: p for p in (model.prior, StandardNormal())}.values():
             rows.append(draw(model, 10, torch.Generator().manual_seed(1), prior=prior))
             labels.append(f"{folder}, {prior.title.split(' z = ')[0]}")
-    fig = show_grid(rows, "real images (re-digitized), training data, and decoder probabilities "
+    fig = show_grid(rows, "real images (re-digitized), held-out images, and decoder probabilities "
                     "of prior draws of each VAE", labels)
     save_figure(fig, results_dir / "samples_side_by_side.png")
 
@@ -1363,13 +1370,16 @@ def load_model(path, device="cpu"):
     try:
         model = build_from_config(saved["config"])
         model.load_state_dict(saved["state_dict"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise DataError(f"{path}: not a model file of this script ({type(e).__name__})") from None
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
 def read_json(path, default=None):
-    return json.loads(path.read_text()) if path.is_file() else default
+    try:
+        return json.loads(path.read_text()) if path.is_file() else default
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not readable JSON ({e})") from None
 
 
 def write_json(path, value):
@@ -1529,7 +1539,8 @@ def train_and_save(model, train_x, val_x, args, device, out, config, resume):
                         resume, save_checkpoint)
         if args.prior == "learned":                                 # Part 2
             t = time.perf_counter()
-            prior = LearnedPrior(model.latent_shape, PRIOR_HIDDEN[args.arch]).to(device)
+            prior = LearnedPrior(model.latent_shape, PRIOR_HIDDEN[args.arch],
+                                 PRIOR_DEPTH[args.arch]).to(device)
             model.prior = fit_prior(prior, *encode_all(model.eval(), train_x, device),
                                     args.prior_steps, PRIOR_BATCH[args.arch],
                                     bf16=args.precision == "bf16")
@@ -1563,22 +1574,21 @@ def run(args):
         # so that its held-out images stay held out
         settle(args, {**read_json(out / "config.json", {}), **model_config(model)},
                out / "model.pt", refuse=model_keys(args.arch), take=("seed", "data"))
-    if args.sample:
-        grid = (args.grid, args.grid) if args.grid else None
-        write_samples(model, args.sample, out / "samples.h5", grid, args.seed)
-        return print(f"wrote {args.sample} prior samples of {out / 'model.pt'} to "
-                     f"{out / 'samples.h5'}")
     resume = None                        # everything that can fail is checked before training
     if args.resume is not None:
         path = out / "checkpoint.pt" if str(args.resume) == "auto" else args.resume
         resume = load_file(path, "checkpoint")
-        if not isinstance(resume, dict) or not {"model", "optimizer", "history", "config",
-                                                "schedule_steps"} <= set(resume):
+        keys = {"model", "optimizer", "history", "config", "schedule_steps", "rng", "rng_cuda"}
+        if not isinstance(resume, dict) or not keys <= set(resume):
             raise DataError(f"{path}: not a training checkpoint of this script")
         settle(args, resume["config"], path, (*model_keys(args.arch), *RUN_SETTINGS),
                ("epochs", "prior_steps"))
     with_defaults(args)
     args.precision = args.precision or ("bf16" if bf16_native(device) else "fp32")
+    if args.sample:
+        write_samples(model, args.sample, out / "samples.h5", args.grid and (args.grid,) * 2,
+                      args.seed)
+        return print(f"wrote {args.sample} prior samples of {out}/model.pt to {out}/samples.h5")
     images, data_path = get_data(args.data, args.size)
     args.data = str(data_path)
     train_x, val_x = split(images, args.seed)
@@ -1586,8 +1596,7 @@ def run(args):
         raise DataError(f"{data_path}: {len(images)} images leave {len(train_x)} for training, "
                         f"fewer than one batch of {args.batch_size}")
     del images                          # the split made copies
-    data_name = "the synthetic stand-in" if data_path == SYNTHETIC_DATA else str(data_path)
-    note = f"{args.arch} VAE trained on {data_name}"
+    note = f"{args.arch} VAE trained on {data_name(data_path)}"
     # the 13 real images belong to the exercise's data: the stand-in or its train_images.h5
     real = real_reference(args.size) if data_path.name in (SYNTHETIC_DATA.name, KEY + ".h5") \
         else None
@@ -1627,7 +1636,7 @@ def report(model, train_x, val_x, history, config, out, device, note, args, real
         if Path(args.data) == SYNTHETIC_DATA else None
     metrics = evaluate(model, train_x, val_x, device, args.eval_n, args.seed, real, new,
                        args.precision == "bf16")
-    metrics.update(data=note.split(" trained on ")[1], code_version=code_version(),
+    metrics.update(data=data_name(args.data), code_version=code_version(),
                    reference="stand-in images of a new seed, a layout each" if new is not None
                    else "held-out images",
                    train_device=config.get("device"), train_precision=config.get("precision"),
@@ -1652,7 +1661,8 @@ def run_condition(model, val_x, out, device, args, note):
              f"members, {ASSIMILATIONS} assimilations, observation sd {OBS_SD}")
     print(title)
     t = time.perf_counter()
-    summary, (truth, res), members, truths = conditioning_study(model, val_x, device, args.wells)
+    summary, (truth, res), members, truths = conditioning_study(model, val_x, device, args.wells,
+                                                                args.seed)
     save_figure(conditioning_figure(truth, res, title), out / "conditioning.png")
     summary.update(seconds=time.perf_counter() - t, device=device_name(device),
                    code_version=code_version())
