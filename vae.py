@@ -1221,7 +1221,7 @@ def write_comparison(results_dir, held, device):
         model = load_model(results_dir / folder / "model.pt", device)
         for prior in {p.name: p for p in (model.prior, StandardNormal())}.values():
             rows.append(draw(model, 10, torch.Generator().manual_seed(1), prior=prior))
-            labels.append(f"{folder}, {prior.title.split(' z = ')[0]}")
+            labels.append(f"{folder},\n{prior.title.split(' z = ')[0]}")   # two lines fit
     fig = show_grid(rows, "real images (re-digitized), held-out images, and decoder probabilities "
                     "of prior draws of each VAE", labels)
     save_figure(fig, results_dir / "samples_side_by_side.png")
