@@ -261,9 +261,9 @@ def adam_step(opt, loss, lr):
 def train_step(model, opt, x, beta, lr, bf16=False):
     """One Adam step on the -ELBO of a batch x (B, 1, S, S) -> (loss, rec, kl) before it.
     bf16: autocast runs the convolutions and linear layers in bfloat16, up to twice as fast
-    where the hardware has it. The cross-entropy stays fp32 (autocast's own rule), the KL of
-    a few dozen numbers is summed in bf16 (0.4% precision), and bf16 needs no loss scaling
-    (it has fp32's range)."""
+    where the hardware has it. The cross-entropy stays fp32 (autocast's own rule); on the CPU
+    the KL of 32-128 numbers is summed in bf16 (0.4% precision; CUDA's autocast sums in
+    fp32); bf16 needs no loss scaling (it has fp32's range)."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
         loss, rec, kl = neg_elbo(model, x, beta)
     adam_step(opt, loss, lr)
@@ -513,8 +513,8 @@ def sample_figures(model, val_x, device, note, seed=0):
 # through many cells, so its cells' codes depend on each other in long chains.
 PRIOR_HIDDEN = {"dense": 512, "fullyconv": 64}      # width of v's layers (channels on a grid)
 PRIOR_DEPTH = {"dense": 4, "fullyconv": 8}          # residual blocks
-PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (each grid code is 16
-#                                                     cells of work: half as many cost 8x more)
+PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (a grid code has 16
+#                                                     cells: 256 codes are 4,096 cells a step)
 PRIOR_STEPS = 4000                                   # Adam steps of the fit
 PRIOR_LR = 3e-3                                      # its peak learning rate
 ODE_STEPS = 10                                       # Heun steps, two evaluations of v each
@@ -530,8 +530,7 @@ class Velocity(nn.Module):
         super().__init__()
         layer = (lambda a, b, k=3: nn.Conv2d(a, b, k, 1, k // 2)) if spatial else \
             (lambda a, b, k=None: nn.Linear(a, b))
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(freqs))     # (T/2,), T
-        #                                                             time features in all
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(freqs))   # (T/2,): sin, cos
         self.first, self.last = layer(channels, hidden), layer(hidden, channels)
         self.norms = nn.ModuleList(nn.GroupNorm(8, hidden) for _ in range(depth))
         self.films = nn.ModuleList(layer(2 * freqs, 2 * hidden, 1) for _ in range(depth))
@@ -743,9 +742,10 @@ def conditioning_figure(truth, res, title):
 # centrelines are leaning sine curves, x(y) = x_mid - tan(lean) (y - S/2) + amp sin(k y +
 # phase), rasterized with a constant width, younger over older. It draws within about the
 # ranges measured on re-digitized real images (13 are in results/real_reference.npz): 1-3
-# channels, usually 2; leans of 2-20 degrees, median about 7; wavelengths of 120-190 px;
-# half-amplitudes of 10-35 px; widths of 3-16 px; proportion 0.21 +- 0.06. The distributions
-# were chosen, then checked against the 13 images by --compare-data.
+# channels, usually 2; leans of 1-22 degrees, median about 7; wavelengths of 120-190 px;
+# half-amplitudes of 10-35 px; widths of 4-16 px, then 0.85-1.15 times that per image (the
+# real images: proportion 0.21 +- 0.06). The distributions were chosen, then checked against
+# the 13 images by --compare-data.
 
 NATIVE = 128                    # the real images are 128x128
 DEFAULT_DATA = Path("data/train_images.h5")
@@ -900,7 +900,7 @@ def get_data(path, size, log=print):
 # And do they have the data's numbers? The counts a geologist reads: channel proportion
 # (net-to-gross), separate channel bodies, bodies that cross the image top to bottom as flow
 # paths do, channel width, and the share of nearly empty images.
-C2ST_WIDTHS = (8, 16, 32, 64)          # the classifier's channels, one stage per halving
+C2ST_WIDTHS = (8, 16, 32, 64)          # the classifier's channels, one stage each
 
 
 class Critic(nn.Module):
@@ -1067,7 +1067,7 @@ def memorisation(x, train_x, held_px):
     """How near images x lie to the training images, over how near held-out images lie
     (held_px: their median distance to the nearest one) -> (ratio, x's median distance).
     Below 1, x are nearer the training images than unseen data are: copies; None where
-    held-out images have exact copies in training."""
+    held_px is 0 (most held-out images have exact copies in training)."""
     near = nearest(x, train_x)[0].median().item()
     return (near / held_px if held_px else None), near
 
@@ -1387,7 +1387,7 @@ def write_json(path, value):
 
 
 # ----------------------------------------------------------------------------- command line
-EPOCHS = {"dense": 24, "fullyconv": 20}     # 11-12 min on 2 cores with native bf16, ~20 without
+EPOCHS = {"dense": 24, "fullyconv": 20}     # 9-11 min on 2 cores with native bf16
 
 
 def number(cast, low, strict=False):
