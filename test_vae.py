@@ -42,7 +42,7 @@ def learned_model(arch, **kwargs):
     """A small VAE with an (untrained) learned prior of Part 2."""
     torch.manual_seed(0)
     model = vae.build_model(arch, 64, **{**TINY, **kwargs}).eval()
-    model.prior = vae.LearnedPrior(model.latent_shape, hidden=16, depth=2, steps=4)
+    model.prior = vae.LearnedPrior(model.latent_shape, hidden=16, depth=2, steps=4, guidance=1.5)
     return model
 
 
@@ -254,20 +254,22 @@ class GaussianVelocity(nn.Module):
 
 
 def test_the_prior_ode_carries_noise_to_the_codes_and_back_and_flow_matching_learns_it():
-    # for Gaussian codes N(m, sd^2) the exact field carries u to m + sd u: the Heun solver
-    # must get there within 3% of sd with ODE_STEPS steps, and back; it is second order, so
-    # twice the steps cut the error about fourfold
-    m, sd = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])
-    prior = vae.LearnedPrior((2,), hidden=8, depth=1)
-    prior.velocity = GaussianVelocity(m, sd)
+    # for Gaussian codes N(m, sd^2) the exact field carries u to m + sd u; guided by w against
+    # the exact field of N(m_r, sd^2), to m_r + w (m - m_r) + sd u (the fields are affine in
+    # the mean). The Heun solver must get there within 3% of sd with ODE_STEPS steps, and
+    # back; it is second order, so twice the steps cut the error about fourfold
+    m, sd, m_r, w = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0]), torch.tensor([0.0, 1.0]), 2.0
+    prior = vae.LearnedPrior((2,), hidden=8, depth=1, guidance=w)
+    prior.velocity, prior.rough = GaussianVelocity(m, sd), GaussianVelocity(m_r, sd)
     u = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
-    errors = []
+    z_true, errors = m_r + w * (m - m_r) + sd * u, []
     for prior.steps in (vae.ODE_STEPS, 2 * vae.ODE_STEPS):
-        errors.append(max(((prior.to_z(u) - (m + sd * u)) / sd).abs().max(),
-                          (prior.to_u(m + sd * u) - u).abs().max()))
+        errors.append(max(((prior.to_z(u) - z_true) / sd).abs().max(),
+                          (prior.to_u(z_true) - u).abs().max()))
     assert errors[0] < 0.03 and errors[1] < errors[0] / 3, errors
-    # flow matching on codes q(z|x) = N(m, sd^2) (every image the same) learns that map; the
-    # logit-normal t trains the ends of the path least, so the spread may be off by ~10%
+    # flow matching on codes q(z|x) = N(m, sd^2) (every image the same) learns that map (w = 1:
+    # v alone); the logit-normal t trains the ends of the path least, so the spread may be off
+    # by ~10%
     torch.manual_seed(0)
     prior = vae.fit_prior(vae.LearnedPrior((2,), hidden=64, depth=2), m.expand(1000, 2),
                           (2 * sd.log()).expand(1000, 2), steps=1000, batch_size=256, lr=1e-2,
@@ -291,13 +293,14 @@ def test_the_learned_prior_is_what_samples_come_from():
             assert (model.prior.to_z(u) - u).abs().max() > 1e-3
             for m, z in ((model, model.prior.to_z(u)), (plain, u)):       # N(0, I): exactly u
                 torch.testing.assert_close(vae.draw(m, 4, g()), torch.sigmoid(m.decode(z)))
-    # a saved model keeps how it draws (width, depth, ODE steps), whatever the defaults become;
+    # a saved model keeps how it draws (width, depth, ODE steps, w), whatever the defaults become;
     # the committed models load, and say how they draw
     prior = vae.build_from_config(vae.model_config(learned_model("fullyconv"))).prior
-    assert (prior.hidden, prior.depth, prior.steps) == (16, 2, 4)
+    assert (prior.hidden, prior.depth, prior.steps, prior.guidance) == (16, 2, 4, 1.5)
     for arch in vae.ARCHS:
         prior = vae.load_model(HERE / "results" / arch / "model.pt").prior
-        assert (prior.hidden, prior.depth, prior.steps) == (vae.PRIOR_HIDDEN[arch], vae.PRIOR_DEPTH[arch], vae.ODE_STEPS)
+        assert (prior.hidden, prior.depth, prior.steps, prior.guidance) == \
+            (vae.PRIOR_HIDDEN[arch], vae.PRIOR_DEPTH[arch], vae.ODE_STEPS, vae.GUIDANCE)
 
 
 def test_esmda_recovers_the_analytic_linear_gaussian_posterior():

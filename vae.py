@@ -516,6 +516,14 @@ def sample_figures(model, val_x, device, note, seed=0):
 # u. v is an MLP for the dense latent and 3x3 convolutions for the fullyconv one (no dense
 # layer, any grid), twice as deep (8 blocks, measured: results/levers.md): a channel runs
 # through many cells, so its cells' codes depend on each other in long chains.
+# A fitted v is too smooth: some draws land between layouts and decode to channels that end,
+# or fade. Autoguidance (Karras et al. 2024) steers away from that error: a rough v_r, the
+# same net fitted an eighth as long, makes the same errors, only more, so the ODE follows
+#   v_r + w (v - v_r),  w > 1,
+# from v on past v_r's direction. For Gaussian q(z) = N(m, s^2 I) the best v is affine in m,
+# so a v_r fitted to mean m_r and a v to m draw from mean m_r + w (m - m_r) (a test checks
+# it). w is measured (results/levers.md): it moved pieces, top-to-bottom channels and
+# near-empty draws towards the data for both models; larger w widens the channels.
 PRIOR_HIDDEN = {"dense": 512, "fullyconv": 64}      # width of v's layers (channels on a grid)
 PRIOR_DEPTH = {"dense": 4, "fullyconv": 8}          # residual blocks
 PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (a grid code has 16
@@ -524,6 +532,8 @@ PRIOR_STEPS = {"dense": 8000, "fullyconv": 4000}    # Adam steps of the fit (mea
 #                                                     dense gains from 8,000, fullyconv not)
 PRIOR_LR = 3e-3                                      # its peak learning rate
 ODE_STEPS = 10                                       # Heun steps, two evaluations of v each
+ROUGH = 8                                            # v_r is fitted PRIOR_STEPS // ROUGH steps
+GUIDANCE = 2.0                                       # w, both archs
 
 
 class Velocity(nn.Module):
@@ -555,22 +565,27 @@ class Velocity(nn.Module):
 
 class LearnedPrior(nn.Module):
     """p(z) by flow matching, with the methods of Part 1's StandardNormal: to_z(u) solves the
-    ODE forwards (sampling), to_u(z) backwards."""
+    ODE forwards (sampling), to_u(z) backwards, both along the guided velocity."""
     name = "learned"
     title = "the learned prior z = ODE(u), u ~ N(0, I)"
 
-    def __init__(self, latent_shape, hidden, depth, steps=ODE_STEPS):
+    def __init__(self, latent_shape, hidden, depth, steps=ODE_STEPS, guidance=1.0):
         super().__init__()
-        self.velocity = Velocity(latent_shape[0], hidden, depth, len(latent_shape) > 1)
-        self.hidden, self.depth, self.steps = hidden, depth, steps
+        net = lambda: Velocity(latent_shape[0], hidden, depth, len(latent_shape) > 1)
+        self.velocity, self.rough = net(), net()                        # v and v_r
+        self.hidden, self.depth, self.steps, self.guidance = hidden, depth, steps, guidance
+
+    def guided(self, z, t):
+        rough = self.rough(z, t)
+        return rough + self.guidance * (self.velocity(z, t) - rough)
 
     def solve(self, z, t0, t1):
         """Heun's method from t0 to t1: z (B, C, *grid) -> the same shape."""
         dt = (t1 - t0) / self.steps
         for i in range(self.steps):
             t = torch.full((len(z),), t0 + i * dt, device=z.device)
-            a = self.velocity(z, t)
-            z = z + dt / 2 * (a + self.velocity(z + dt * a, t + dt))
+            a = self.guided(z, t)
+            z = z + dt / 2 * (a + self.guided(z + dt * a, t + dt))
         return z
 
     def to_z(self, u):
@@ -588,28 +603,30 @@ def encode_all(model, images, device, batch_size=500):
     return torch.cat([m for m, _ in out]), torch.cat([v for _, v in out])
 
 
-def flow_matching_loss(prior, mu, logvar, batch_size):
-    """The loss above on a batch of codes z1 ~ q(z|x) = N(mu, exp(logvar)), drawn from the
-    codes of all training images, mu and logvar (N, *latent) -> a scalar."""
+def flow_matching_loss(velocity, mu, logvar, batch_size):
+    """The loss above for a velocity net on a batch of codes z1 ~ q(z|x) = N(mu, exp(logvar)),
+    drawn from the codes of all training images, mu and logvar (N, *latent) -> a scalar."""
     i = torch.randint(len(mu), (batch_size,), device=mu.device)
     z1 = reparameterize(mu[i], logvar[i])                           # (B, *latent)
     z0 = torch.randn_like(z1)                                       # noise
     t = torch.sigmoid(torch.randn(batch_size, device=mu.device))   # (B,), logit-normal
     t_ = t.view(-1, *[1] * (z1.dim() - 1))
-    v = prior.velocity((1 - t_) * z0 + t_ * z1, t)
+    v = velocity((1 - t_) * z0 + t_ * z1, t)
     return (v.float() - (z1 - z0)).pow(2).flatten(1).sum(1).mean()
 
 
 def fit_prior(prior, mu, logvar, steps, batch_size, lr=PRIOR_LR, bf16=False, log=print):
-    """Adam on flow_matching_loss, with Part 1's learning-rate schedule -> the prior, fitted.
-    bf16: the velocity's layers in bfloat16, as in train_step."""
-    opt, progress = torch.optim.Adam(prior.parameters()), every(30)
-    for step in range(steps):
-        with torch.autocast(mu.device.type, torch.bfloat16, enabled=bf16):
-            loss = flow_matching_loss(prior, mu, logvar, batch_size)
-        adam_step(opt, loss, lr_at(step, steps, lr))
-        if progress() or step + 1 == steps:                    # reading the loss is a sync
-            log(f"fitting the prior: step {step + 1}/{steps}  loss {loss.item():.2f}")
+    """Adam on flow_matching_loss, with Part 1's learning-rate schedule, for v_r (steps //
+    ROUGH steps), then v (steps) -> the prior, fitted. bf16: their layers in bfloat16."""
+    for name, n in (("rough", max(1, steps // ROUGH)), ("velocity", steps)):
+        net = getattr(prior, name)
+        opt, progress = torch.optim.Adam(net.parameters()), every(30)
+        for step in range(n):
+            with torch.autocast(mu.device.type, torch.bfloat16, enabled=bf16):
+                loss = flow_matching_loss(net, mu, logvar, batch_size)
+            adam_step(opt, loss, lr_at(step, n, lr))
+            if progress() or step + 1 == n:                    # reading the loss is a sync
+                log(f"fitting the prior's {name}: step {step + 1}/{n}  loss {loss.item():.2f}")
     return prior
 
 
@@ -1337,14 +1354,16 @@ def model_config(model):
     cfg["latent_dim" if model.arch == "dense" else "latent_channels"] = model.latent_shape[0]
     if model.prior.name == "learned":           # and how it draws: a later default must not
         p = model.prior                         # change a saved model's samples
-        cfg.update(prior_hidden=p.hidden, prior_depth=p.depth, ode_steps=p.steps)
+        cfg.update(prior_hidden=p.hidden, prior_depth=p.depth, ode_steps=p.steps,
+                   guidance=p.guidance)
     return cfg
 
 
 def build_from_config(cfg):
     """build_model, then Part 2's learned prior where cfg asks for it."""
     cfg = dict(cfg)
-    prior = [cfg.pop(k, None) for k in ("prior", "prior_hidden", "prior_depth", "ode_steps")]
+    prior = [cfg.pop(k, None) for k in ("prior", "prior_hidden", "prior_depth", "ode_steps",
+                                        "guidance")]
     model = build_model(cfg.pop("arch"), **cfg)
     if prior[0] == "learned":
         model.prior = LearnedPrior(model.latent_shape, *prior[1:])
@@ -1551,7 +1570,7 @@ def train_and_save(model, train_x, val_x, args, device, out, config, resume):
         if args.prior == "learned":                                 # Part 2
             t = time.perf_counter()
             prior = LearnedPrior(model.latent_shape, PRIOR_HIDDEN[args.arch],
-                                 PRIOR_DEPTH[args.arch]).to(device)
+                                 PRIOR_DEPTH[args.arch], guidance=GUIDANCE).to(device)
             model.prior = fit_prior(prior, *encode_all(model.eval(), train_x, device),
                                     args.prior_steps, PRIOR_BATCH[args.arch],
                                     bf16=args.precision == "bf16")
