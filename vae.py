@@ -1243,7 +1243,11 @@ def write_comparison(results_dir, held, device):
     rows = [held[:10].float()] if real is None else [real[:10].float(), held[:10].float()]
     labels = ([] if real is None else ["real"]) + [first["data"].replace("the ", "")]
     for folder in (f for f in runs if (results_dir / f / "model.pt").is_file()):
-        model = load_model(results_dir / folder / "model.pt", device)
+        try:
+            model = load_model(results_dir / folder / "model.pt", device)
+        except DataError as e:                  # one of another version: its own command
+            print(f"left out of the figure: {e}")     # remakes it; this run is saved
+            continue
         for prior in {p.name: p for p in (model.prior, StandardNormal())}.values():
             rows.append(draw(model, 10, torch.Generator().manual_seed(1), prior=prior))
             labels.append(f"{folder},\n{prior.title.split(' z = ')[0]}")   # two lines fit
