@@ -516,14 +516,18 @@ def sample_figures(model, val_x, device, note, seed=0):
 # u. v is an MLP for the dense latent and 3x3 convolutions for the fullyconv one (no dense
 # layer, any grid), twice as deep (8 blocks, measured: results/levers.md): a channel runs
 # through many cells, so its cells' codes depend on each other in long chains.
-# A fitted v is too smooth: some draws land between layouts and decode to channels that end,
-# or fade. Autoguidance (Karras et al. 2024) steers away from that error: a rough v_r, the
-# same net fitted an eighth as long, makes the same errors, only more, so the ODE follows
+# A fitted v is too smooth (it blurs the velocities of nearby layouts), so some draws land
+# between layouts and decode to channels that end, or fade. Autoguidance (Karras et al. 2024)
+# steers away from that error: a rough v_r, a second net of the same shape fitted an eighth as
+# many steps, makes the same errors, only larger. If v errs by e and v_r by k e, the ODE's
 #   v_r + w (v - v_r),  w > 1,
-# from v on past v_r's direction. For Gaussian q(z) = N(m, s^2 I) the best v is affine in m,
-# so a v_r fitted to mean m_r and a v to m draw from mean m_r + w (m - m_r) (a test checks
-# it). w is measured (results/levers.md): it moved pieces, top-to-bottom channels and
-# near-empty draws towards the data for both models; larger w widens the channels.
+# errs by e (1 - (w - 1)(k - 1)): not at all for w = 2, k = 2. It no longer carries N(0, I)
+# to q(z) exactly, but towards q(z)'s surer layouts; it is still a map of u, and running it
+# backwards still inverts it. An exact case: for Gaussian codes N(m, s^2 I) the best v is
+# m a(t) + z b(t), a and b set by s and t alone, so, as w and 1 - w sum to 1, a v_r fitted to
+# N(m_r, s^2 I) and a v to N(m, s^2 I) draw N(m_r + w (m - m_r), s^2 I) (a test checks it).
+# w is measured (results/levers.md): it moved pieces, top-to-bottom channels and near-empty
+# draws towards the data for both models; a larger w widens the channels.
 PRIOR_HIDDEN = {"dense": 512, "fullyconv": 64}      # width of v's layers (channels on a grid)
 PRIOR_DEPTH = {"dense": 4, "fullyconv": 8}          # residual blocks
 PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (a grid code has 16
@@ -531,8 +535,8 @@ PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (a grid cod
 PRIOR_STEPS = {"dense": 8000, "fullyconv": 4000}    # Adam steps of the fit (measured:
 #                                                     dense gains from 8,000, fullyconv not)
 PRIOR_LR = 3e-3                                      # its peak learning rate
-ODE_STEPS = 10                                       # Heun steps, two evaluations of v each
-ROUGH = 8                                            # v_r is fitted PRIOR_STEPS // ROUGH steps
+ODE_STEPS = 10                                       # Heun steps, two of v and of v_r each
+ROUGH = 8                                            # v_r's fit: an eighth of v's steps
 GUIDANCE = 2.0                                       # w, both archs
 
 
@@ -576,6 +580,7 @@ class LearnedPrior(nn.Module):
         self.hidden, self.depth, self.steps, self.guidance = hidden, depth, steps, guidance
 
     def guided(self, z, t):
+        """v_r + w (v - v_r): z (B, C, *grid) and t (B,) -> (B, C, *grid)."""
         rough = self.rough(z, t)
         return rough + self.guidance * (self.velocity(z, t) - rough)
 
