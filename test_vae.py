@@ -716,7 +716,7 @@ def test_help_states_the_defaults_and_the_file_reads_as_a_tutorial(capsys):
         vae.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(d in text for d in ("(default: 128)", "(default: 0.002)", "(default: learned)",
-                                   "(default: 8000 dense, 4000 fullyconv)",
+                                   "(default: 8000 dense, 3000 fullyconv)",
                                    "(default: 24 dense, 20 fullyconv)", "(default: 16 32 64 128)"))
     assert "(default: None)" not in text
     assert [vae.with_defaults(vae.parse_args(["--arch", a])).epochs for a in vae.ARCHS] == [24, 20]

@@ -532,7 +532,7 @@ PRIOR_HIDDEN = {"dense": 512, "fullyconv": 64}      # width of v's layers (chann
 PRIOR_DEPTH = {"dense": 4, "fullyconv": 8}          # residual blocks
 PRIOR_BATCH = {"dense": 512, "fullyconv": 256}      # codes per step (a grid code has 16
 #                                                     cells: 256 codes are 4,096 cells a step)
-PRIOR_STEPS = {"dense": 8000, "fullyconv": 4000}    # Adam steps of the fit (measured:
+PRIOR_STEPS = {"dense": 8000, "fullyconv": 3000}    # Adam steps of the fit (measured:
 #                                                     dense gains from 8,000, fullyconv not)
 PRIOR_LR = 3e-3                                      # its peak learning rate
 ODE_STEPS = 10                                       # Heun steps, two of v and of v_r each
