@@ -97,7 +97,7 @@ def load_images(path, size=64, chunk=2000):
 # ----------------------------------------------------------------------------- models
 # Both models share a convolutional trunk: stride-2 convolutions halve the image four times,
 # to (widths[-1], S/16, S/16); stride-2 transposed convolutions mirror them (a 4x4 kernel at
-# stride 2 covers every output pixel equally often: no checkerboard).
+# stride 2 covers every output pixel off the border equally often: no checkerboard).
 WIDTHS = (16, 32, 64, 128)              # channels after each stride-2 stage
 
 
@@ -176,16 +176,16 @@ ARCHS = {"dense": DenseVAE, "fullyconv": FullyConvVAE}
 # ----------------------------------------------------------------------------- the loss
 # Training maximizes the ELBO, a lower bound on log p(x) that can be computed. Its negative:
 #   -ELBO(x) = E_q(z|x)[-log p(x|z)] + KL(q(z|x) || p(z))     (reconstruction + regularization)
-# The encoder gives q(z|x) = N(mu, diag sigma^2); the prior is p(z) = N(0, I). The KL pulls
-# every q(z|x) towards the prior, so that random draws from the prior land where the codes
-# of real images are. The expectation is estimated with one sample z per image. p(x|z) is a
-# Bernoulli per pixel, so -log p(x|z) is the binary cross-entropy of the decoder's logits
-# summed over pixels; the KL of two Gaussians has a closed form (Kingma & Welling 2014,
-# appendix B). Summed, both are in nats (natural-log units) per image. beta weights the KL.
+# The encoder gives q(z|x) = N(mu, diag sigma^2), the approximate posterior; the prior is
+# p(z) = N(0, I). The KL pulls every q(z|x) towards it, so that random draws from the prior
+# land where the codes of real images are. The expectation is estimated with one sample z per
+# image. p(x|z) is a Bernoulli per pixel, so -log p(x|z) is the binary cross-entropy of the
+# decoder's logits summed over pixels; the KL of two Gaussians has a closed form (Kingma &
+# Welling 2014, appendix B). Summed, both are in nats per image; beta weights the KL.
 
 def reparameterize(mu, logvar, generator=None):
-    """z = mu + sigma * eps, eps ~ N(0, I): a sample of q(z|x), shaped like mu, that gradients
-    flow through to mu and logvar."""
+    """z = mu + sigma * eps, eps ~ N(0, I): a sample of q(z|x), shaped like mu. A draw has no
+    gradient; with the noise moved into eps, gradients flow through z to mu and logvar."""
     eps = torch.randn_like(mu) if generator is None else \
         torch.randn(mu.shape, generator=generator).to(mu)
     return mu + eps * torch.exp(0.5 * logvar)
@@ -403,9 +403,9 @@ def facies(probs):
 
 
 def slerp(u0, u1, steps):
-    """Great-circle paths from u0 to u1 (P, ...) each -> (steps, P, ...). Two Gaussian draws
-    in d dimensions have norms near sqrt(d) and are nearly orthogonal, so a straight line
-    between them passes norm sqrt(d/2), where the prior never draws; a great circle does not."""
+    """Spherical paths (slerp) from u0 to u1 (P, ...) each -> (steps, P, ...). Gaussian draws
+    in d dimensions have norms near sqrt(d) +- 0.7 and are nearly orthogonal: a straight line
+    between two passes norm sqrt(d/2) (d = 32: 4), where the prior seldom draws; slerp does not."""
     a, b = u0.flatten(1), u1.flatten(1)                                     # (P, d)
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
     omega = torch.arccos(cos.clamp(-1, 1)).view(1, -1, 1)                   # (1, P, 1)
@@ -480,7 +480,7 @@ def sample_figures(model, val_x, device, note, seed=0):
 
 # `python vae.py --arch dense --prior gaussian` runs load_images -> split -> build_model ->
 # train -> sample_figures, with run() in Part 3. You can stop here: that is the whole VAE.
-# Its random draws come out with too little channel and broken bodies; Part 2 says why, and
+# Its random draws come out faded and broken (too little channel); Part 2 says why, and
 # fits a better prior to this very model.
 
 
@@ -511,11 +511,11 @@ def sample_figures(model, val_x, device, note, seed=0):
 # layout is decided (Esser et al. 2024); here it drew fewer broken channels than uniform t.
 # No term looks at the images: the prior learns from the codes alone, whatever the channels
 # look like. The ODE is solved with Heun's method in ODE_STEPS steps (an Euler step, then the
-# mean of the slopes at its two ends: second order, so few steps); run backwards it maps a
-# code to its u, up to the solver's error, so interpolation and ES-MDA still work on Gaussian
-# u. v is an MLP for the dense latent and 3x3 convolutions for the fullyconv one (no dense
-# layer, any grid), twice as deep (8 blocks, measured: results/levers.md): a channel runs
-# through many cells, so its cells' codes depend on each other in long chains.
+# mean of the slopes at its two ends: second order, so few steps); run backwards it maps a code
+# to its u, up to the solver's error, so interpolation and conditioning on wells (below) still
+# work on Gaussian u. v is an MLP for the dense latent and 3x3 convolutions for the fullyconv
+# one (no dense layer, any grid), twice as deep (8 blocks, measured: results/levers.md): a
+# channel runs through many cells, so its cells' codes depend on each other in long chains.
 # A fitted v is too smooth (it blurs the velocities of nearby layouts), so some draws land
 # between layouts and decode to channels that end, or fade. Autoguidance (Karras et al. 2024)
 # steers away from that error: a rough v_r, a second net of the same shape fitted an eighth as
@@ -543,8 +543,8 @@ GUIDANCE = 2.0                                       # w, both archs
 class Velocity(nn.Module):
     """v(z, t): (B, C, *grid) and (B,) -> (B, C, *grid), grid = () for dense. Residual blocks,
     each normalized (GroupNorm: steady steps at a high learning rate) and told the time by a
-    scale and shift of its features, made from sin/cos features of t (FiLM; on a grid, a 1x1
-    convolution of the time features laid over every cell: no dense layer there either)."""
+    scale and shift of its features, made from sin/cos features of t (FiLM, feature-wise
+    linear modulation; on a grid, a 1x1 convolution of the time features over every cell)."""
 
     def __init__(self, channels, hidden, depth, spatial, freqs=8):
         super().__init__()
@@ -1250,8 +1250,8 @@ def write_comparison(results_dir, held, device):
     for folder in (f for f in runs if (results_dir / f / "model.pt").is_file()):
         try:
             model = load_model(results_dir / folder / "model.pt", device)
-        except DataError as e:                  # one of another version: its own command
-            print(f"left out of the figure: {e}")     # remakes it; this run is saved
+        except DataError as e:                  # older or unreadable: its own command
+            print(f"left out of the figure: {e}")     # remakes it; the table is kept
             continue
         for prior in {p.name: p for p in (model.prior, StandardNormal())}.values():
             rows.append(draw(model, 10, torch.Generator().manual_seed(1), prior=prior))
