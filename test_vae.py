@@ -687,7 +687,7 @@ def test_bad_flags_are_argparse_errors(capsys, argv, fragment):
     assert lines[0].startswith("usage: ") and ": error: " in lines[-1]
 
 
-def test_bad_model_files_end_in_one_line_and_never_run_code(tmp_path, capsys):
+def test_bad_model_files_end_in_one_line_and_never_run_code(tmp_path, capsys, recwarn):
     class Payload:                       # a pickled object: loading it would run code
         def __reduce__(self):
             return (print, ("this ran while loading",))
@@ -709,6 +709,7 @@ def test_bad_model_files_end_in_one_line_and_never_run_code(tmp_path, capsys):
         code, stdout, err = run_main(evaluate, capsys)
         assert_clean_error(code, err, fragment)
         assert "this ran while loading" not in stdout + err
+    assert not recwarn.list, [str(w.message) for w in recwarn]    # nothing printed beside it
 
 
 def test_help_states_the_defaults_and_the_file_reads_as_a_tutorial(capsys):

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -1383,7 +1384,9 @@ def load_file(path, what):
     """torch.load onto the CPU with weights_only=True: plain tensors and containers only.
     Every failure, a refused pickled object included, ends in one line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():     # torch's own notes on a foreign pickle: the one
+            warnings.simplefilter("ignore")  # line below says what is wrong with the file
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: {what} not found") from None
     except IsADirectoryError:
